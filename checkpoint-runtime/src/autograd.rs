@@ -1,0 +1,214 @@
+//! The glue between a checkpointed stack and candle's autograd.
+//!
+//! A whole stack is ONE node of candle's graph: a [`CustomOp2`] over (stack input, anchor), whose
+//! forward hands out the output the engine already computed and whose backward re-runs the
+//! segments from their saved boundaries. The boundaries therefore live wherever the engine put
+//! them, not in candle's graph. The anchor is a one-element `Var`: without a tracked operand,
+//! candle records nothing and the backward (with every parameter gradient) would never run.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, Var,
+};
+
+use crate::engine::Shared;
+use crate::error::Error;
+use crate::layer::{Kwargs, Layer, describe};
+use crate::policy::{Mode, Segment};
+use crate::store::Saved;
+
+/// The state a checkpointed stack keeps between its forward and its backward.
+pub(crate) struct Stack<L, K> {
+    /// The layers (cheap clones sharing their weights) with their keyword arguments.
+    pub(crate) calls: Vec<(L, K)>,
+    /// One entry per segment, in forward order.
+    pub(crate) saved: Vec<(Segment, Saved)>,
+}
+
+/// Runs `calls[range]` on `input`, naming the failing layer in the error.
+pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
+    calls: &[(L, K)],
+    seg: Segment,
+    input: &Tensor,
+    phase: &'static str,
+    mode: Mode,
+    detach_each: bool,
+) -> crate::Result<Tensor> {
+    let mut hidden = input.clone();
+    for (index, (layer, kwargs)) in calls.iter().enumerate().take(seg.end).skip(seg.start) {
+        let out = layer
+            .forward_checkpointed(&hidden, kwargs)
+            .map_err(|source| Error::Layer {
+                layer: describe::<L, K>(index),
+                phase,
+                mode,
+                source,
+            })?;
+        // In the checkpointed forward nothing needs this layer's graph: drop it at once.
+        hidden = if detach_each { out.detach() } else { out };
+    }
+    Ok(hidden)
+}
+
+/// The stack's node in candle's graph.
+pub(crate) struct StackOp<L, K> {
+    pub(crate) shared: Arc<Shared>,
+    /// The precomputed output, handed out (and released) by the forward.
+    pub(crate) output: Mutex<Option<Tensor>>,
+    /// Taken by the first backward; a second backward finds it empty.
+    pub(crate) stack: Mutex<Option<Stack<L, K>>>,
+}
+
+impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
+    fn take_output(&self) -> candle_core::Result<Tensor> {
+        self.output
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| candle_core::Error::msg("checkpoint stack output was already taken"))
+    }
+
+    /// The output's storage, copied into a fresh buffer of the backend that asked for it.
+    fn forward_copy<S: BackendStorage>(
+        &self,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let output = self.take_output()?;
+        let (storage, layout) = output.storage_and_layout();
+        let src = pick(&storage).ok_or_else(|| {
+            candle_core::Error::msg("checkpoint stack output lives on another device than its input")
+        })?;
+        Ok((copy_contiguous(src, layout)?, layout.shape().clone()))
+    }
+
+    fn backward(&self, grad: &Tensor) -> crate::Result<Tensor> {
+        let mode = self.shared.policy.mode();
+        let stack = self
+            .stack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| Error::BackwardTwice {
+                layer: describe::<L, K>(0),
+                mode,
+            })?;
+        let Stack { calls, saved } = stack;
+        let mut grad = grad.clone();
+        for (seg, kept) in saved.into_iter().rev() {
+            let started = Instant::now();
+            let (input, output) = match kept {
+                Saved::Graph { input, output } => (input, output),
+                Saved::Boundary(boundary) => {
+                    let boundary = self.shared.fetch(boundary, seg, &describe::<L, K>(seg.start))?;
+                    // A copy, so that the boundary is a leaf whose gradient nothing swallows.
+                    let input = Var::from_tensor(&boundary)?;
+                    drop(boundary);
+                    let output =
+                        run_segment(&calls, seg, input.as_tensor(), "recompute", mode, false)?;
+                    self.shared.stats_mut().recompute += started.elapsed();
+                    (input, output)
+                }
+            };
+            let grads = output.apply_op1(Seed(grad))?.backward()?;
+            for node in output.sorted_nodes() {
+                if node.is_variable() && node.id() != input.as_tensor().id() {
+                    if let Some(g) = grads.get(node) {
+                        self.shared.collect(node, g.detach())?;
+                    }
+                }
+            }
+            grad = match grads.get(input.as_tensor()) {
+                Some(g) => g.detach(),
+                // The segment ignores its input: the gradient is zero, not missing.
+                None => input.as_tensor().zeros_like()?,
+            };
+        }
+        Ok(grad)
+    }
+}
+
+impl<L: Layer<K>, K: Kwargs> CustomOp2 for StackOp<L, K> {
+    fn name(&self) -> &'static str {
+        "checkpoint-stack"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward_copy(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.forward_copy(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        _input: &Tensor,
+        _anchor: &Tensor,
+        _output: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        match self.backward(grad) {
+            // The anchor is ours: it gets no gradient, and so never shows in a store.
+            Ok(input_grad) => Ok((Some(input_grad), None)),
+            Err(err) => Err(self.shared.fail(err)),
+        }
+    }
+}
+
+/// Seeds a backward pass with a given output gradient: `backward()` has no seed argument, and
+/// `(y * g).sum_all()` would allocate a tensor the size of `y` for the same bits.
+struct Seed(Tensor);
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "checkpoint-seed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        scalar_zero(s)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        scalar_zero(s)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
+fn scalar_zero<S: BackendStorage>(s: &S) -> candle_core::Result<(S, Shape)> {
+    let shape = Shape::from(1);
+    Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
+}
+
+/// Copies the elements `layout` addresses in `src` into a fresh contiguous buffer.
+pub(crate) fn copy_contiguous<S: BackendStorage>(
+    src: &S,
+    layout: &Layout,
+) -> candle_core::Result<S> {
+    let mut dst = src.device().zeros_impl(layout.shape(), src.dtype())?;
+    src.copy_strided_src(&mut dst, 0, layout)?;
+    Ok(dst)
+}

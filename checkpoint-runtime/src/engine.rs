@@ -1,0 +1,295 @@
+//! The engine model code calls: [`Checkpointer`].
+
+use std::collections::HashMap;
+use std::mem;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
+
+use crate::autograd::{Stack, StackOp, run_segment};
+use crate::error::{Error, Result};
+use crate::layer::{Kwargs, Layer};
+use crate::policy::{Mode, Placement, Policy, Segment};
+use crate::stats::Stats;
+use crate::store::{Boundary, Saved};
+
+/// Runs layer stacks under a checkpointing [`Policy`] and computes complete gradients.
+///
+/// Use one `Checkpointer` per model and step loop: run the stacks through it during the forward
+/// pass, then call [`Checkpointer::backward`] (not `loss.backward()`) to get the gradients.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use checkpoint_runtime::{Checkpointer, Layer, Policy};
+///
+/// #[derive(Clone)]
+/// struct Scale(Var);
+///
+/// impl Layer for Scale {
+///     fn forward_checkpointed(&self, x: &Tensor, (): &()) -> candle_core::Result<Tensor> {
+///         x.broadcast_mul(self.0.as_tensor())?.tanh()
+///     }
+/// }
+///
+/// # fn main() -> checkpoint_runtime::Result<()> {
+/// let dev = Device::Cpu;
+/// let layers = [Scale(Var::new(&[0.5f32], &dev)?), Scale(Var::new(&[2.0f32], &dev)?)];
+/// let ckpt = Checkpointer::new(Policy::recompute());
+/// let x = Tensor::new(&[[1.0f32, -1.0]], &dev)?;
+/// let y = ckpt.run_stack(&x, layers.iter().map(|l| (l, ())))?;
+/// let grads = ckpt.backward(&y.sum_all()?)?;
+/// assert!(grads.get(layers[0].0.as_tensor()).is_some());
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Gradients that `loss.backward()` cannot see
+///
+/// Parameter gradients of checkpointed layers are computed while candle's backward recomputes
+/// them, and handed to this engine rather than to candle's store. A plain `loss.backward()`
+/// therefore returns a store without them. The engine notices: the next forward or backward
+/// through it fails with [`Error::UncollectedGradients`], and dropping it with gradients still
+/// uncollected prints a warning.
+#[derive(Debug, Clone)]
+pub struct Checkpointer {
+    shared: Arc<Shared>,
+}
+
+/// State shared by the engine and the stack nodes it put into candle's graph.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) policy: Policy,
+    /// Parameter gradients produced by recomputation, not yet merged into a store.
+    collected: Mutex<HashMap<TensorId, Tensor>>,
+    /// The typed error behind a failed backward (candle only carries its message).
+    fault: Mutex<Option<Error>>,
+    stats: Mutex<Stats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere leaves no invariant half-updated in these maps: keep going.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(crate) fn collect(&self, var: &Tensor, grad: Tensor) -> candle_core::Result<()> {
+        let mut collected = lock(&self.collected);
+        let grad = match collected.remove(&var.id()) {
+            Some(prev) => prev.add(&grad)?.detach(),
+            None => grad,
+        };
+        collected.insert(var.id(), grad);
+        Ok(())
+    }
+
+    /// Brings a boundary back to the compute device.
+    pub(crate) fn fetch(&self, boundary: Boundary, _seg: Segment, _layer: &str) -> Result<Tensor> {
+        match boundary {
+            Boundary::Device(t) => Ok(t),
+        }
+    }
+
+    /// Records a typed error for [`Checkpointer::backward`] and hands candle its message.
+    pub(crate) fn fail(&self, err: Error) -> candle_core::Error {
+        let message = candle_core::Error::msg(err.to_string());
+        let mut fault = lock(&self.fault);
+        if fault.is_none() {
+            *fault = Some(err);
+        }
+        message
+    }
+
+    pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
+        lock(&self.stats)
+    }
+
+    /// Fails if a previous backward left parameter gradients behind, and forgets them.
+    fn check_collected(&self) -> Result<()> {
+        let count = mem::take(&mut *lock(&self.collected)).len();
+        if count == 0 {
+            Ok(())
+        } else {
+            Err(Error::UncollectedGradients {
+                count,
+                mode: self.policy.mode(),
+            })
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let left = lock(&self.collected).len();
+        if left > 0 && !std::thread::panicking() {
+            eprintln!(
+                "checkpointable: warning: {}",
+                Error::UncollectedGradients {
+                    count: left,
+                    mode: self.policy.mode()
+                }
+            );
+        }
+    }
+}
+
+impl Checkpointer {
+    /// An engine that applies `policy` to every stack it runs.
+    #[must_use]
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                policy,
+                collected: Mutex::default(),
+                fault: Mutex::default(),
+                stats: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The policy this engine applies.
+    #[must_use]
+    pub fn policy(&self) -> &Policy {
+        &self.shared.policy
+    }
+
+    /// The mode of the checkpointed layers.
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.shared.policy.mode()
+    }
+
+    /// Runs one layer invocation: a stack of one.
+    ///
+    /// # Errors
+    /// The layer's error, naming it; or [`Error::UncollectedGradients`] after a plain
+    /// `loss.backward()`.
+    pub fn run<L, K>(&self, layer: &L, carry: &Tensor, kwargs: K) -> Result<Tensor>
+    where
+        L: Layer<K>,
+        K: Kwargs,
+    {
+        self.run_stack(carry, [(layer, kwargs)])
+    }
+
+    /// Runs a stack of layer invocations, each with its own keyword arguments, feeding each
+    /// layer's output to the next. The result is an ordinary tensor of candle's graph.
+    ///
+    /// # Errors
+    /// A layer's error, naming the layer and the mode; [`Error::UncollectedGradients`] after a
+    /// plain `loss.backward()`; a candle error for a carry that is not a float tensor.
+    pub fn run_stack<'a, L, K, I>(&self, carry: &Tensor, calls: I) -> Result<Tensor>
+    where
+        L: Layer<K>,
+        K: Kwargs,
+        I: IntoIterator<Item = (&'a L, K)>,
+    {
+        let shared = &self.shared;
+        shared.check_collected()?;
+        let calls: Vec<(L, K)> = calls
+            .into_iter()
+            .map(|(layer, kwargs)| (layer.clone(), kwargs))
+            .collect();
+        let plan = shared.policy.plan(calls.len());
+        let mode = shared.policy.mode();
+        shared.stats_mut().stacks += 1;
+        if plan.iter().all(|seg| seg.placement == Placement::Graph) {
+            let whole = Segment {
+                start: 0,
+                end: calls.len(),
+                placement: Placement::Graph,
+            };
+            return run_segment(&calls, whole, carry, "forward", mode, false);
+        }
+        if !carry.dtype().is_float() {
+            return Err(Error::Config(format!(
+                "the carry of a checkpointed stack must be a float tensor, got {:?} (mode {mode})",
+                carry.dtype()
+            )));
+        }
+
+        let mut hidden = carry.detach();
+        let mut saved = Vec::with_capacity(plan.len());
+        for seg in plan {
+            let kept = if seg.placement == Placement::Graph {
+                let input = Var::from_tensor(&hidden)?;
+                let output = run_segment(&calls, seg, input.as_tensor(), "forward", mode, false)?;
+                hidden = output.detach();
+                Saved::Graph { input, output }
+            } else {
+                let boundary = self.store(&hidden, seg)?;
+                hidden = run_segment(&calls, seg, &hidden, "forward", mode, true)?;
+                Saved::Boundary(boundary)
+            };
+            saved.push((seg, kept));
+        }
+
+        let anchor = Var::zeros(1, carry.dtype(), carry.device())?;
+        let op = StackOp {
+            shared: Arc::clone(shared),
+            output: Mutex::new(Some(hidden)),
+            stack: Mutex::new(Some(Stack { calls, saved })),
+        };
+        Ok(carry.apply_op2(anchor.as_tensor(), op)?)
+    }
+
+    fn store(&self, hidden: &Tensor, seg: Segment) -> Result<Boundary> {
+        let boundary = match seg.placement {
+            Placement::Device | Placement::Host | Placement::Disk => {
+                Boundary::Device(hidden.clone())
+            }
+            Placement::Graph => {
+                return Err(Error::Config(
+                    "internal: a graph segment has no boundary".to_owned(),
+                ));
+            }
+        };
+        let mut stats = self.shared.stats_mut();
+        stats.segments += 1;
+        stats.add_boundary(seg.placement, boundary.bytes());
+        Ok(boundary)
+    }
+
+    /// Runs the backward pass from `loss` and returns every parameter's gradient: those of the
+    /// plain graph and those computed by recomputation, summed where a weight is shared, detached,
+    /// and only for `Var`s, so that the store keeps no activation alive.
+    ///
+    /// # Errors
+    /// A layer's error during recomputation (naming the layer), [`Error::BackwardTwice`] for a
+    /// graph whose checkpointed stacks already ran backward, or a store fault. On error no
+    /// gradient is returned and none is left behind.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let shared = &self.shared;
+        shared.check_collected()?;
+        *lock(&shared.fault) = None;
+        let raw = loss.backward();
+        let collected = mem::take(&mut *lock(&shared.collected));
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(err) => return Err(lock(&shared.fault).take().unwrap_or(Error::Candle(err))),
+        };
+
+        let mut grads = GradStore::default();
+        for node in loss.sorted_nodes() {
+            if node.is_variable() {
+                if let Some(grad) = raw.get(node) {
+                    grads.insert(node, grad.detach());
+                }
+            }
+        }
+        drop(raw);
+        for (id, grad) in collected {
+            let grad = match grads.get_id(id) {
+                Some(plain) => plain.add(&grad)?.detach(),
+                None => grad,
+            };
+            grads.insert_id(id, grad);
+        }
+        Ok(grads)
+    }
+
+    /// The statistics gathered since the last call, resetting them.
+    pub fn take_stats(&self) -> Stats {
+        mem::take(&mut *self.shared.stats_mut())
+    }
+}

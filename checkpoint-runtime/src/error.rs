@@ -1,0 +1,71 @@
+//! The runtime's error type. Every variant names what failed, where, and what to do about it.
+
+use crate::policy::Mode;
+
+/// The result type of the engine's public API.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors raised by checkpointing engines.
+///
+/// Converts into [`candle_core::Error`] so that `?` works inside model code that returns candle's
+/// result type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A candle operation failed outside any layer.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A layer failed while the engine ran it.
+    #[error("{layer} failed during {phase} (mode {mode}): {source}")]
+    Layer {
+        /// The layer: its position in the stack, type and method.
+        layer: String,
+        /// `forward` or `recompute`.
+        phase: &'static str,
+        /// The engine's mode for that layer.
+        mode: Mode,
+        /// What went wrong.
+        source: candle_core::Error,
+    },
+
+    /// A second backward pass reached a checkpointed stack whose boundaries the first one released.
+    #[error(
+        "backward ran twice through the checkpointed stack starting at {layer} (mode {mode}): its \
+         boundaries were released by the first backward. Run the forward pass again before \
+         another backward"
+    )]
+    BackwardTwice {
+        /// The first layer of the stack.
+        layer: String,
+        /// The mode that stack was run in.
+        mode: Mode,
+    },
+
+    /// Recomputation produced parameter gradients that nobody collected.
+    #[error(
+        "{count} parameter gradient(s) computed while recomputing checkpointed layers were never \
+         collected (mode {mode}): the last backward pass was run with `loss.backward()`, which \
+         cannot see them. Call `Checkpointer::backward(&loss)` instead; it merges them into the \
+         gradient store it returns"
+    )]
+    UncollectedGradients {
+        /// How many parameter gradients were left behind.
+        count: usize,
+        /// The engine's mode.
+        mode: Mode,
+    },
+
+    /// A policy or configuration that cannot be run.
+    #[error("invalid checkpoint configuration: {0}")]
+    Config(String),
+}
+
+impl From<Error> for candle_core::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Candle(inner) => inner,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
