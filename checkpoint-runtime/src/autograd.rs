@@ -72,10 +72,14 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
     }
 
     /// The output's storage, copied into a fresh buffer of the backend that asked for it.
-    fn forward_copy<S: BackendStorage>(
+    fn forward_copy<S>(
         &self,
         pick: impl Fn(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)> {
+    ) -> candle_core::Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
         let output = self.take_output()?;
         let (storage, layout) = output.storage_and_layout();
         let src = pick(&storage).ok_or_else(|| {
@@ -198,16 +202,21 @@ impl CustomOp1 for Seed {
     }
 }
 
-fn scalar_zero<S: BackendStorage>(s: &S) -> candle_core::Result<(S, Shape)> {
+fn scalar_zero<S>(s: &S) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
     let shape = Shape::from(1);
     Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
 }
 
 /// Copies the elements `layout` addresses in `src` into a fresh contiguous buffer.
-pub(crate) fn copy_contiguous<S: BackendStorage>(
-    src: &S,
-    layout: &Layout,
-) -> candle_core::Result<S> {
+pub(crate) fn copy_contiguous<S>(src: &S, layout: &Layout) -> candle_core::Result<S>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
     let mut dst = src.device().zeros_impl(layout.shape(), src.dtype())?;
     src.copy_strided_src(&mut dst, 0, layout)?;
     Ok(dst)

@@ -1,0 +1,128 @@
+//! Misuse and failures get clear errors, never a silent loss of gradients.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use checkpoint_runtime::{Checkpointer, Error, Layer, Policy};
+use checkpoint_tests::init::Init;
+use checkpoint_tests::mlp::MlpBlock;
+
+fn stack(depth: usize) -> Result<(Vec<MlpBlock>, Var)> {
+    let mut init = Init::new(1);
+    let layers = (0..depth)
+        .map(|_| MlpBlock::new(8, &mut init, DType::F32, &Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let x = init.var((2, 8), 1.0, DType::F32, &Device::Cpu)?;
+    Ok((layers, x))
+}
+
+#[test]
+fn backward_twice_through_a_checkpointed_graph_is_an_error() -> Result<()> {
+    let (layers, x) = stack(3)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+    let loss = y.sum_all()?;
+    ckpt.backward(&loss)?;
+    let err = ckpt.backward(&loss).err().expect("second backward must fail");
+    assert!(matches!(err, Error::BackwardTwice { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("layer 0 (`MlpBlock::forward`)"), "{msg}");
+    assert!(msg.contains("mode recompute") && msg.contains("Run the forward pass again"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn plain_loss_backward_is_reported_on_the_next_forward() -> Result<()> {
+    let (layers, x) = stack(2)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+    let _incomplete = y.sum_all()?.backward()?; // the mistake: bypasses the engine
+    let err = ckpt
+        .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
+        .err()
+        .expect("the next forward must report the lost gradients");
+    // Two layers of four parameters each.
+    assert!(matches!(err, Error::UncollectedGradients { count: 8, .. }), "{err:?}");
+    assert!(err.to_string().contains("Checkpointer::backward(&loss)"), "{err}");
+    // Reported once; the engine then works again.
+    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+    assert_eq!(ckpt.backward(&y.sum_all()?)?.get_ids().count(), 9);
+    Ok(())
+}
+
+#[test]
+fn plain_loss_backward_is_reported_by_the_next_backward() -> Result<()> {
+    let (layers, x) = stack(1)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let loss = ckpt
+        .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?
+        .sum_all()?;
+    let _incomplete = loss.backward()?;
+    let loss2 = (x.as_tensor() * 2.0)?.sum_all()?;
+    let err = ckpt.backward(&loss2).err().expect("must report");
+    assert!(matches!(err, Error::UncollectedGradients { count: 4, .. }), "{err:?}");
+    Ok(())
+}
+
+/// A layer that fails on its `fail_on`-th call (1-based), to fail during recomputation.
+#[derive(Clone)]
+struct Flaky {
+    calls: Arc<AtomicUsize>,
+    fail_on: usize,
+    inner: MlpBlock,
+}
+
+impl Layer for Flaky {
+    fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_on {
+            return Err(candle_core::Error::msg("injected failure"));
+        }
+        self.inner.forward_checkpointed(x, &())
+    }
+}
+
+#[test]
+fn a_failing_layer_is_named_with_its_phase_and_mode() -> Result<()> {
+    let (layers, x) = stack(3)?;
+    let flaky: Vec<Flaky> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, inner)| Flaky {
+            calls: Arc::new(AtomicUsize::new(0)),
+            fail_on: if i == 1 { 2 } else { 0 }, // layer 1 fails when recomputed
+            inner: inner.clone(),
+        })
+        .collect();
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let y = ckpt.run_stack(x.as_tensor(), flaky.iter().map(|l| (l, ())))?;
+    let err = ckpt.backward(&y.sum_all()?).err().expect("recompute fails");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Layer { phase: "recompute", .. }), "{err:?}");
+    assert!(msg.contains("layer 1 (`Flaky::forward`)") && msg.contains("mode recompute"), "{msg}");
+    assert!(msg.contains("injected failure"), "{msg}");
+    // No partial gradients were left behind: the next step is clean and complete.
+    let y = ckpt.run_stack(x.as_tensor(), flaky.iter().map(|l| (l, ())))?;
+    assert_eq!(ckpt.backward(&y.sum_all()?)?.get_ids().count(), 13);
+
+    let failing_now = Flaky {
+        calls: Arc::new(AtomicUsize::new(0)),
+        fail_on: 1,
+        inner: layers[0].clone(),
+    };
+    let err = ckpt.run(&failing_now, x.as_tensor(), ()).err().expect("forward fails");
+    assert!(matches!(err, Error::Layer { phase: "forward", .. }), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn an_integer_carry_is_rejected_with_the_mode() -> Result<()> {
+    let (layers, _) = stack(1)?;
+    let ids = Tensor::new(&[[1u32, 2]], &Device::Cpu)?;
+    let err = Checkpointer::new(Policy::recompute())
+        .run_stack(&ids, layers.iter().map(|l| (l, ())))
+        .err()
+        .expect("integer carry");
+    assert!(err.to_string().contains("float tensor"), "{err}");
+    Ok(())
+}
