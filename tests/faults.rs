@@ -24,11 +24,17 @@ fn backward_twice_through_a_checkpointed_graph_is_an_error() -> Result<()> {
     let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
     let loss = y.sum_all()?;
     ckpt.backward(&loss)?;
-    let err = ckpt.backward(&loss).err().expect("second backward must fail");
+    let err = ckpt
+        .backward(&loss)
+        .err()
+        .expect("second backward must fail");
     assert!(matches!(err, Error::BackwardTwice { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("layer 0 (`MlpBlock::forward`)"), "{msg}");
-    assert!(msg.contains("mode recompute") && msg.contains("Run the forward pass again"), "{msg}");
+    assert!(
+        msg.contains("mode recompute") && msg.contains("Run the forward pass again"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -43,8 +49,14 @@ fn plain_loss_backward_is_reported_on_the_next_forward() -> Result<()> {
         .err()
         .expect("the next forward must report the lost gradients");
     // Two layers of four parameters each.
-    assert!(matches!(err, Error::UncollectedGradients { count: 8, .. }), "{err:?}");
-    assert!(err.to_string().contains("Checkpointer::backward(&loss)"), "{err}");
+    assert!(
+        matches!(err, Error::UncollectedGradients { count: 8, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("Checkpointer::backward(&loss)"),
+        "{err}"
+    );
     // Reported once; the engine then works again.
     let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
     assert_eq!(ckpt.backward(&y.sum_all()?)?.get_ids().count(), 9);
@@ -61,7 +73,10 @@ fn plain_loss_backward_is_reported_by_the_next_backward() -> Result<()> {
     let _incomplete = loss.backward()?;
     let loss2 = (x.as_tensor() * 2.0)?.sum_all()?;
     let err = ckpt.backward(&loss2).err().expect("must report");
-    assert!(matches!(err, Error::UncollectedGradients { count: 4, .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::UncollectedGradients { count: 4, .. }),
+        "{err:?}"
+    );
     Ok(())
 }
 
@@ -98,8 +113,20 @@ fn a_failing_layer_is_named_with_its_phase_and_mode() -> Result<()> {
     let y = ckpt.run_stack(x.as_tensor(), flaky.iter().map(|l| (l, ())))?;
     let err = ckpt.backward(&y.sum_all()?).err().expect("recompute fails");
     let msg = err.to_string();
-    assert!(matches!(err, Error::Layer { phase: "recompute", .. }), "{err:?}");
-    assert!(msg.contains("layer 1 (`Flaky::forward`)") && msg.contains("mode recompute"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            Error::Layer {
+                phase: "recompute",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("layer 1 (`Flaky::forward`)") && msg.contains("mode recompute"),
+        "{msg}"
+    );
     assert!(msg.contains("injected failure"), "{msg}");
     // No partial gradients were left behind: the next step is clean and complete.
     let y = ckpt.run_stack(x.as_tensor(), flaky.iter().map(|l| (l, ())))?;
@@ -110,8 +137,20 @@ fn a_failing_layer_is_named_with_its_phase_and_mode() -> Result<()> {
         fail_on: 1,
         inner: layers[0].clone(),
     };
-    let err = ckpt.run(&failing_now, x.as_tensor(), ()).err().expect("forward fails");
-    assert!(matches!(err, Error::Layer { phase: "forward", .. }), "{err:?}");
+    let err = ckpt
+        .run(&failing_now, x.as_tensor(), ())
+        .err()
+        .expect("forward fails");
+    assert!(
+        matches!(
+            err,
+            Error::Layer {
+                phase: "forward",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     Ok(())
 }
 

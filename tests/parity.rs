@@ -26,11 +26,15 @@ fn step<L: Layer<K>, K: Kwargs + Clone>(
 ) -> Result<Step> {
     let ckpt = Checkpointer::new(policy);
     let output = ckpt.run_stack(input, layers.iter().map(|l| (l, kwargs.clone())))?;
-    let weights = Tensor::arange(0u32, u32::try_from(output.elem_count()).unwrap_or(0), input.device())?
-        .to_dtype(output.dtype())?
-        .reshape(output.shape())?
-        .affine(1e-3, -0.5)?
-        .cos()?;
+    let weights = Tensor::arange(
+        0u32,
+        u32::try_from(output.elem_count()).unwrap_or(0),
+        input.device(),
+    )?
+    .to_dtype(output.dtype())?
+    .reshape(output.shape())?
+    .affine(1e-3, -0.5)?
+    .cos()?;
     let loss = (&output * weights)?.sum_all()?;
     let grads = ckpt.backward(&loss)?;
     Ok(Step { output, grads })
@@ -47,14 +51,33 @@ fn assert_exact<L: Layer<K>, K: Kwargs + Clone>(
     for policy in [Policy::recompute(), Policy::recompute().segments(2)] {
         let ckpt = step(policy.clone(), layers, kwargs, input.as_tensor())?;
         let depth = layers.len();
-        assert_eq!(max_abs_diff(&plain.output, &ckpt.output)?, 0.0, "output, depth {depth}, {policy:?}");
+        assert_eq!(
+            max_abs_diff(&plain.output, &ckpt.output)?,
+            0.0,
+            "output, depth {depth}, {policy:?}"
+        );
         let gi = |s: &Step| s.grads.get(input.as_tensor()).cloned();
         let (a, b) = (gi(&plain), gi(&ckpt));
-        let (a, b) = (a.expect("plain input gradient"), b.expect("checkpointed input gradient"));
-        assert_eq!(max_abs_diff(&a, &b)?, 0.0, "input gradient, depth {depth}, {policy:?}");
-        assert_eq!(max_grad_diff(&plain.grads, &ckpt.grads, params)?, 0.0, "parameter gradients, depth {depth}, {policy:?}");
+        let (a, b) = (
+            a.expect("plain input gradient"),
+            b.expect("checkpointed input gradient"),
+        );
+        assert_eq!(
+            max_abs_diff(&a, &b)?,
+            0.0,
+            "input gradient, depth {depth}, {policy:?}"
+        );
+        assert_eq!(
+            max_grad_diff(&plain.grads, &ckpt.grads, params)?,
+            0.0,
+            "parameter gradients, depth {depth}, {policy:?}"
+        );
         // Complete and clean: exactly the input and every parameter, nothing else.
-        assert_eq!(ckpt.grads.get_ids().count(), params.len() + 1, "store size, depth {depth}");
+        assert_eq!(
+            ckpt.grads.get_ids().count(),
+            params.len() + 1,
+            "store size, depth {depth}"
+        );
     }
     Ok(())
 }
@@ -64,7 +87,10 @@ fn mlp_stack(depth: usize, hidden: usize, dtype: DType) -> Result<(Vec<MlpBlock>
     let layers = (0..depth)
         .map(|_| MlpBlock::new(hidden, &mut init, dtype, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
-    let params = layers.iter().flat_map(|l| l.vars().iter().cloned()).collect();
+    let params = layers
+        .iter()
+        .flat_map(|l| l.vars().iter().cloned())
+        .collect();
     Ok((layers, params))
 }
 
@@ -73,7 +99,10 @@ fn block_stack(depth: usize, cfg: BlockConfig, dtype: DType) -> Result<(Vec<Bloc
     let layers = (0..depth)
         .map(|_| Block::new(cfg, &mut init, dtype, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
-    let params = layers.iter().flat_map(|l| l.vars().iter().cloned()).collect();
+    let params = layers
+        .iter()
+        .flat_map(|l| l.vars().iter().cloned())
+        .collect();
     Ok((layers, params))
 }
 
@@ -169,10 +198,17 @@ fn stacks_of_length_zero_and_one() -> Result<()> {
     for mode in [Mode::None, Mode::Recompute] {
         let ckpt = Checkpointer::new(Policy::new(mode));
         let same = ckpt.run_stack(x.as_tensor(), std::iter::empty::<(&MlpBlock, ())>())?;
-        assert_eq!(max_abs_diff(&same, x.as_tensor())?, 0.0, "{mode}: empty stack is identity");
+        assert_eq!(
+            max_abs_diff(&same, x.as_tensor())?,
+            0.0,
+            "{mode}: empty stack is identity"
+        );
         let grads = ckpt.backward(&same.sum_all()?)?;
         let ones = x.as_tensor().ones_like()?;
-        assert_eq!(max_abs_diff(grads.get(x.as_tensor()).expect("input grad"), &ones)?, 0.0);
+        assert_eq!(
+            max_abs_diff(grads.get(x.as_tensor()).expect("input grad"), &ones)?,
+            0.0
+        );
     }
     let plain = step(Policy::none(), &layers, &(), x.as_tensor())?;
     let one = step(Policy::recompute(), &layers, &(), x.as_tensor())?;

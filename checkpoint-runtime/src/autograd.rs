@@ -18,7 +18,8 @@ use crate::engine::Shared;
 use crate::error::Error;
 use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Segment};
-use crate::store::Saved;
+use crate::store::disk::Prefetcher;
+use crate::store::{Boundary, Saved};
 
 /// The state a checkpointed stack keeps between its forward and its backward.
 pub(crate) struct Stack<L, K> {
@@ -83,7 +84,9 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
         let output = self.take_output()?;
         let (storage, layout) = output.storage_and_layout();
         let src = pick(&storage).ok_or_else(|| {
-            candle_core::Error::msg("checkpoint stack output lives on another device than its input")
+            candle_core::Error::msg(
+                "checkpoint stack output lives on another device than its input",
+            )
         })?;
         Ok((copy_contiguous(src, layout)?, layout.shape().clone()))
     }
@@ -100,13 +103,28 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                 mode,
             })?;
         let Stack { calls, saved } = stack;
+        // Disk boundaries, in the order this backward takes them, loaded ahead on a thread.
+        let files: Vec<_> = saved
+            .iter()
+            .rev()
+            .filter_map(|(_, kept)| match kept {
+                Saved::Boundary(Boundary::Disk(d)) => Some(Arc::clone(&d.file)),
+                _ => None,
+            })
+            .collect();
+        let prefetch = if files.is_empty() {
+            None
+        } else {
+            Some(Prefetcher::start(files, self.shared.disk.prefetch_depth())?)
+        };
         let mut grad = grad.clone();
         for (seg, kept) in saved.into_iter().rev() {
-            let started = Instant::now();
             let (input, output) = match kept {
                 Saved::Graph { input, output } => (input, output),
                 Saved::Boundary(boundary) => {
-                    let boundary = self.shared.fetch(boundary, seg, &describe::<L, K>(seg.start))?;
+                    let layer = describe::<L, K>(seg.start);
+                    let boundary = self.shared.fetch(boundary, prefetch.as_ref(), &layer)?;
+                    let started = Instant::now();
                     // A copy, so that the boundary is a leaf whose gradient nothing swallows.
                     let input = Var::from_tensor(&boundary)?;
                     drop(boundary);

@@ -2,17 +2,23 @@
 
 use std::collections::HashMap;
 use std::mem;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
 
+use std::time::Instant;
+
 use crate::autograd::{Stack, StackOp, run_segment};
+use crate::budget::{BudgetPlan, LayerCost, graph_bytes, plan_budget};
 use crate::error::{Error, Result};
-use crate::layer::{Kwargs, Layer};
+use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Placement, Policy, Segment};
 use crate::stats::Stats;
-use crate::store::{Boundary, Saved};
+use crate::store::disk::{DiskConfig, DiskStore};
+use crate::store::{Boundary, Saved, tensor_bytes};
 
 /// Runs layer stacks under a checkpointing [`Policy`] and computes complete gradients.
 ///
@@ -65,6 +71,11 @@ pub(crate) struct Shared {
     /// The typed error behind a failed backward (candle only carries its message).
     fault: Mutex<Option<Error>>,
     stats: Mutex<Stats>,
+    pub(crate) disk: DiskStore,
+    /// Boundary bytes resident on the compute device now.
+    resident: AtomicU64,
+    /// Budget plans, per stack length, from the probe step.
+    plans: Mutex<HashMap<usize, BudgetPlan>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -83,11 +94,41 @@ impl Shared {
         Ok(())
     }
 
-    /// Brings a boundary back to the compute device.
-    pub(crate) fn fetch(&self, boundary: Boundary, _seg: Segment, _layer: &str) -> Result<Tensor> {
-        match boundary {
-            Boundary::Device(t) => Ok(t),
+    /// Keeps `hidden` as the boundary of `seg`, wherever the segment's placement says.
+    pub(crate) fn store(&self, hidden: &Tensor, seg: Segment, layer: &str) -> Result<Boundary> {
+        let started = std::time::Instant::now();
+        let boundary = Boundary::store(hidden, seg.placement, &self.disk, layer)?;
+        let bytes = boundary.bytes();
+        let mut stats = self.stats_mut();
+        stats.add_boundary(seg.placement, bytes);
+        if seg.placement == Placement::Device {
+            let now = self.resident.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            stats.peak_device_bytes = stats.peak_device_bytes.max(now);
+        } else {
+            stats.transfer += started.elapsed();
         }
+        Ok(boundary)
+    }
+
+    /// Brings a boundary back to the compute device, accounting for it.
+    pub(crate) fn fetch(
+        &self,
+        boundary: Boundary,
+        prefetch: Option<&crate::store::disk::Prefetcher>,
+        layer: &str,
+    ) -> Result<Tensor> {
+        if let Boundary::Device(_) = boundary {
+            self.resident.fetch_sub(boundary.bytes(), Ordering::Relaxed);
+        }
+        let fetched = boundary.fetch(prefetch, layer)?;
+        let mut stats = self.stats_mut();
+        stats.transfer += fetched.transfer;
+        match fetched.waited {
+            Some(true) => stats.prefetch_waits += 1,
+            Some(false) => stats.prefetch_hits += 1,
+            None => {}
+        }
+        Ok(fetched.tensor)
     }
 
     /// Records a typed error for [`Checkpointer::backward`] and hands candle its message.
@@ -134,17 +175,42 @@ impl Drop for Shared {
 }
 
 impl Checkpointer {
-    /// An engine that applies `policy` to every stack it runs.
+    /// An engine that applies `policy` to every stack it runs. Disk boundaries, if the policy
+    /// uses any, go under the system's temporary directory.
     #[must_use]
     pub fn new(policy: Policy) -> Self {
+        Self::with_disk(policy, DiskConfig::default())
+    }
+
+    /// An engine whose disk boundaries follow `disk`. The private directory is created when the
+    /// first boundary goes to disk.
+    #[must_use]
+    pub fn with_disk(policy: Policy, disk: DiskConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
                 policy,
                 collected: Mutex::default(),
                 fault: Mutex::default(),
                 stats: Mutex::default(),
+                disk: DiskStore::new(disk),
+                resident: AtomicU64::new(0),
+                plans: Mutex::default(),
             }),
         }
+    }
+
+    /// Waits until every boundary sent to disk so far is written.
+    ///
+    /// # Errors
+    /// The first failed write, naming the layer and the file.
+    pub fn flush(&self) -> Result<()> {
+        self.shared.disk.flush()
+    }
+
+    /// The engine's private directory for disk boundaries, once created.
+    #[must_use]
+    pub fn disk_dir(&self) -> Option<PathBuf> {
+        self.shared.disk.dir()
     }
 
     /// The policy this engine applies.
@@ -190,8 +256,11 @@ impl Checkpointer {
             .into_iter()
             .map(|(layer, kwargs)| (layer.clone(), kwargs))
             .collect();
-        let plan = shared.policy.plan(calls.len());
         let mode = shared.policy.mode();
+        let plan = match shared.policy.memory_budget() {
+            Some(budget) => self.budget_segments(&calls, carry, budget)?,
+            None => shared.policy.plan(calls.len()),
+        };
         shared.stats_mut().stacks += 1;
         if plan.iter().all(|seg| seg.placement == Placement::Graph) {
             let whole = Segment {
@@ -217,7 +286,7 @@ impl Checkpointer {
                 hidden = output.detach();
                 Saved::Graph { input, output }
             } else {
-                let boundary = self.store(&hidden, seg)?;
+                let boundary = shared.store(&hidden, seg, &describe::<L, K>(seg.start))?;
                 hidden = run_segment(&calls, seg, &hidden, "forward", mode, true)?;
                 Saved::Boundary(boundary)
             };
@@ -233,21 +302,50 @@ impl Checkpointer {
         Ok(carry.apply_op2(anchor.as_tensor(), op)?)
     }
 
-    fn store(&self, hidden: &Tensor, seg: Segment) -> Result<Boundary> {
-        let boundary = match seg.placement {
-            Placement::Device | Placement::Host | Placement::Disk => {
-                Boundary::Device(hidden.clone())
-            }
-            Placement::Graph => {
-                return Err(Error::Config(
-                    "internal: a graph segment has no boundary".to_owned(),
-                ));
-            }
-        };
-        let mut stats = self.shared.stats_mut();
-        stats.segments += 1;
-        stats.add_boundary(seg.placement, boundary.bytes());
-        Ok(boundary)
+    /// The budget plan for stacks of `len` layers, probing them on first use.
+    fn budget_segments<L: Layer<K>, K: Kwargs>(
+        &self,
+        calls: &[(L, K)],
+        carry: &Tensor,
+        budget: u64,
+    ) -> Result<Vec<Segment>> {
+        if let Some(plan) = lock(&self.shared.plans).get(&calls.len()) {
+            return Ok(plan.segments());
+        }
+        let mode = self.mode();
+        let mut hidden = carry.detach();
+        let mut costs = Vec::with_capacity(calls.len());
+        for (index, (layer, kwargs)) in calls.iter().enumerate() {
+            let input = Var::from_tensor(&hidden)?;
+            let started = Instant::now();
+            let output = layer
+                .forward_checkpointed(input.as_tensor(), kwargs)
+                .map_err(|source| Error::Layer {
+                    layer: describe::<L, K>(index),
+                    phase: "probe",
+                    mode,
+                    source,
+                })?;
+            costs.push(LayerCost {
+                forward: started.elapsed(),
+                graph_bytes: graph_bytes(&output),
+                boundary_bytes: tensor_bytes(&hidden),
+            });
+            hidden = output.detach();
+        }
+        let plan = plan_budget(&costs, budget, mode)?;
+        let segments = plan.segments();
+        lock(&self.shared.plans).insert(calls.len(), plan);
+        Ok(segments)
+    }
+
+    /// The plans a budget policy made, one per stack length, in increasing length.
+    #[must_use]
+    pub fn budget_plans(&self) -> Vec<BudgetPlan> {
+        let plans = lock(&self.shared.plans);
+        let mut lens: Vec<_> = plans.keys().copied().collect();
+        lens.sort_unstable();
+        lens.iter().filter_map(|l| plans.get(l).cloned()).collect()
     }
 
     /// Runs the backward pass from `loss` and returns every parameter's gradient: those of the

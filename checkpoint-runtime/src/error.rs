@@ -1,5 +1,7 @@
 //! The runtime's error type. Every variant names what failed, where, and what to do about it.
 
+use std::path::PathBuf;
+
 use crate::policy::Mode;
 
 /// The result type of the engine's public API.
@@ -54,6 +56,35 @@ pub enum Error {
         count: usize,
         /// The engine's mode.
         mode: Mode,
+    },
+
+    /// A boundary file could not be written or read.
+    #[error("{layer}: cannot {action} `{path}` (mode offload-disk): {source}. Fix: {hint}")]
+    Disk {
+        /// The layer whose boundary it is.
+        layer: String,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the engine was doing.
+        action: &'static str,
+        /// What to do about it.
+        hint: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+
+    /// A boundary file changed between forward and backward.
+    #[error(
+        "{layer}: boundary file `{path}` is corrupt (mode offload-disk): {detail}. Something \
+         modified it between forward and backward; run the step again"
+    )]
+    CorruptBoundary {
+        /// The layer whose boundary it is.
+        layer: String,
+        /// The file.
+        path: PathBuf,
+        /// What did not match.
+        detail: String,
     },
 
     /// A policy or configuration that cannot be run.

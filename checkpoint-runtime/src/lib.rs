@@ -11,19 +11,24 @@
 //! Everything downstream of the stack is ordinary candle.
 
 mod autograd;
+mod budget;
 mod engine;
 mod error;
 mod layer;
+mod partial;
 mod policy;
 mod stats;
 mod store;
 
+pub use budget::{BudgetPlan, DISK_BANDWIDTH, HOST_BANDWIDTH, LayerCost, plan_budget};
 pub use checkpoint_derive::checkpointable;
 pub use engine::Checkpointer;
 pub use error::{Error, Result};
 pub use layer::{Kwargs, Layer};
+pub use partial::Partial;
 pub use policy::{Mode, Placement, Policy, Segment};
 pub use stats::Stats;
+pub use store::disk::DiskConfig;
 
 #[doc(hidden)]
 pub mod __private;

@@ -123,6 +123,7 @@ pub struct Policy {
     segment_len: usize,
     first: Option<usize>,
     keep_last: usize,
+    budget: Option<u64>,
 }
 
 impl Policy {
@@ -134,6 +135,7 @@ impl Policy {
             segment_len: 1,
             first: None,
             keep_last: 0,
+            budget: None,
         }
     }
 
@@ -170,6 +172,22 @@ impl Policy {
     pub const fn keep_last(mut self, n: usize) -> Self {
         self.keep_last = n;
         self
+    }
+
+    /// Fit the bytes a stack keeps between forward and backward into `bytes`: the engine measures
+    /// each layer on the first step (a probe) and then keeps, recomputes or offloads (never
+    /// beyond this policy's mode) per layer; see [`plan_budget`](crate::plan_budget). Replaces
+    /// the segment, first and keep-last settings.
+    #[must_use]
+    pub const fn budget(mut self, bytes: u64) -> Self {
+        self.budget = Some(bytes);
+        self
+    }
+
+    /// The memory budget, if any.
+    #[must_use]
+    pub const fn memory_budget(&self) -> Option<u64> {
+        self.budget
     }
 
     /// The mode of the checkpointed layers.

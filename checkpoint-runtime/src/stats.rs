@@ -1,4 +1,4 @@
-//! What the engine did in one step: where boundaries lived, and what recomputation cost.
+//! What the engine did: where boundaries lived, what recomputation and transfers cost.
 
 use std::fmt;
 use std::time::Duration;
@@ -18,12 +18,21 @@ pub struct Stats {
     pub host_bytes: u64,
     /// Bytes of boundaries written to disk.
     pub disk_bytes: u64,
+    /// The most boundary bytes resident on the compute device at once.
+    pub peak_device_bytes: u64,
     /// Time spent re-running layers during backward.
     pub recompute: Duration,
+    /// Time spent moving boundaries off the device and back (writer and reader time for disk).
+    pub transfer: Duration,
+    /// Disk boundaries that were already loaded when backward needed them.
+    pub prefetch_hits: u64,
+    /// Disk boundaries that backward had to wait for.
+    pub prefetch_waits: u64,
 }
 
 impl Stats {
     pub(crate) fn add_boundary(&mut self, placement: Placement, bytes: u64) {
+        self.segments += 1;
         match placement {
             Placement::Graph => {}
             Placement::Device => self.device_bytes += bytes,
@@ -33,18 +42,57 @@ impl Stats {
     }
 }
 
+#[allow(clippy::cast_precision_loss)]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<22} {:>14}", "stacks", self.stacks)?;
-        writeln!(f, "{:<22} {:>14}", "segments checkpointed", self.segments)?;
-        writeln!(f, "{:<22} {:>14}", "boundary bytes device", self.device_bytes)?;
-        writeln!(f, "{:<22} {:>14}", "boundary bytes host", self.host_bytes)?;
-        writeln!(f, "{:<22} {:>14}", "boundary bytes disk", self.disk_bytes)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        writeln!(f, "| stat                      |        value |")?;
+        writeln!(f, "|---------------------------|-------------:|")?;
+        writeln!(f, "| stacks                    | {:>12} |", self.stacks)?;
+        writeln!(f, "| segments checkpointed     | {:>12} |", self.segments)?;
+        writeln!(
+            f,
+            "| boundaries on device      | {:>8.2} MiB |",
+            mib(self.device_bytes)
+        )?;
+        writeln!(
+            f,
+            "| boundaries in host memory | {:>8.2} MiB |",
+            mib(self.host_bytes)
+        )?;
+        writeln!(
+            f,
+            "| boundaries on disk        | {:>8.2} MiB |",
+            mib(self.disk_bytes)
+        )?;
+        writeln!(
+            f,
+            "| peak boundaries on device | {:>8.2} MiB |",
+            mib(self.peak_device_bytes)
+        )?;
+        writeln!(
+            f,
+            "| recompute time            | {:>9.1} ms |",
+            ms(self.recompute)
+        )?;
+        writeln!(
+            f,
+            "| transfer time             | {:>9.1} ms |",
+            ms(self.transfer)
+        )?;
+        writeln!(
+            f,
+            "| prefetch hits             | {:>12} |",
+            self.prefetch_hits
+        )?;
         write!(
             f,
-            "{:<22} {:>11.3} ms",
-            "recompute time",
-            self.recompute.as_secs_f64() * 1e3
+            "| prefetch waits            | {:>12} |",
+            self.prefetch_waits
         )
     }
 }

@@ -43,7 +43,12 @@ fn parse_args() -> std::result::Result<Args, String> {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
-            "--layers" => args.layers = value.split(',').map(num).collect::<std::result::Result<_, _>>()?,
+            "--layers" => {
+                args.layers = value
+                    .split(',')
+                    .map(num)
+                    .collect::<std::result::Result<_, _>>()?
+            }
             "--modes" => {
                 args.modes = value
                     .split(',')
@@ -112,7 +117,9 @@ fn main() -> Result<()> {
     println!(
         "| layers | mode         | held after forward (MiB) | peak (MiB) | step (ms) | step / recompute |"
     );
-    println!("|-------:|--------------|-------------------------:|-----------:|----------:|-----------------:|");
+    println!(
+        "|-------:|--------------|-------------------------:|-----------:|----------:|-----------------:|"
+    );
     for &depth in &args.layers {
         let mut init = Init::new(1);
         let layers = (0..depth)

@@ -158,8 +158,16 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim());
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2); // (b, n, t, d)
-        let q = rope_slow(&heads(self.q_proj.forward(x)?, nh)?.contiguous()?, &kw.cos, &kw.sin)?;
-        let k = rope_slow(&heads(self.k_proj.forward(x)?, nkv)?.contiguous()?, &kw.cos, &kw.sin)?;
+        let q = rope_slow(
+            &heads(self.q_proj.forward(x)?, nh)?.contiguous()?,
+            &kw.cos,
+            &kw.sin,
+        )?;
+        let k = rope_slow(
+            &heads(self.k_proj.forward(x)?, nkv)?.contiguous()?,
+            &kw.cos,
+            &kw.sin,
+        )?;
         let v = heads(self.v_proj.forward(x)?, nkv)?;
         // Grouped-query attention: each key/value head serves nh / nkv query heads.
         let repeat = |y: Tensor| -> Result<Tensor> {

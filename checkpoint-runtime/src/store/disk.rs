@@ -1,0 +1,427 @@
+//! Boundaries in files: a private directory, a background writer and a prefetching reader.
+//!
+//! Each boundary is one safetensors file, written by a writer thread (the forward hands it over
+//! through a bounded queue, so memory stays bounded when the disk is slower than the layers),
+//! checksummed (CRC-32) and length-checked on load, and removed once read. The directory is
+//! `0700`, its files `0600`; it is removed when the engine and its last boundary are dropped,
+//! including on error and during a panic's unwinding.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use super::file;
+use crate::error::{Error, Result};
+
+/// Where and how boundaries go to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The directory under which the engine creates its private directory.
+    pub root: PathBuf,
+    /// How many boundaries the reader loads ahead of the backward pass.
+    pub prefetch: usize,
+    /// How many boundaries may wait for the writer before the forward pass waits for it.
+    pub write_queue: usize,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            root: std::env::temp_dir(),
+            prefetch: 2,
+            write_queue: 2,
+        }
+    }
+}
+
+/// The engine's private directory, removed with everything in it on drop.
+#[derive(Debug)]
+struct PrivateDir {
+    path: PathBuf,
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        // Nothing to report to from a destructor; a missing directory is the goal anyway.
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// What the writer reports for one file.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    len: u64,
+    crc: u32,
+    took: Duration,
+}
+
+struct Job {
+    tensor: Tensor,
+    path: PathBuf,
+    done: mpsc::Sender<std::result::Result<Written, String>>,
+}
+
+/// The disk store of one engine.
+#[derive(Debug)]
+pub(crate) struct DiskStore {
+    config: DiskConfig,
+    next: AtomicU64,
+    open: Mutex<Option<Open>>,
+    /// Files handed to the writer, for [`DiskStore::flush`].
+    pending: Mutex<Vec<Weak<BoundaryFile>>>,
+}
+
+#[derive(Debug)]
+struct Open {
+    dir: Arc<PrivateDir>,
+    queue: SyncSender<Job>,
+}
+
+impl DiskStore {
+    pub(crate) fn new(config: DiskConfig) -> Self {
+        Self {
+            config,
+            next: AtomicU64::new(0),
+            open: Mutex::new(None),
+            pending: Mutex::default(),
+        }
+    }
+
+    /// How many boundaries the reader loads ahead.
+    pub(crate) fn prefetch_depth(&self) -> usize {
+        self.config.prefetch
+    }
+
+    /// Waits until every boundary handed over so far is on disk; the first failed write.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let files: Vec<Arc<BoundaryFile>> = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.retain(|w| w.strong_count() > 0);
+            pending.iter().filter_map(Weak::upgrade).collect()
+        };
+        files.iter().try_for_each(|f| f.written().map(|_| ()))
+    }
+
+    /// The private directory, once the first boundary created it.
+    pub(crate) fn dir(&self) -> Option<PathBuf> {
+        self.lock().as_ref().map(|o| o.dir.path.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Open>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open(&self, layer: &str) -> Result<(Arc<PrivateDir>, SyncSender<Job>)> {
+        let mut open = self.lock();
+        if let Some(o) = open.as_ref() {
+            return Ok((Arc::clone(&o.dir), o.queue.clone()));
+        }
+        let root = &self.config.root;
+        let path = root.join(format!(
+            "checkpointable-{}-{:016x}",
+            std::process::id(),
+            unique()
+        ));
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| Error::Disk {
+                layer: layer.to_owned(),
+                path: path.clone(),
+                action: "create the private boundary directory",
+                hint: "point the disk root at a writable directory (DiskConfig::root, `--offload-dir`)",
+                source,
+            })?;
+        let dir = Arc::new(PrivateDir { path });
+        let (queue, jobs) = mpsc::sync_channel::<Job>(self.config.write_queue.max(1));
+        thread::Builder::new()
+            .name("checkpoint-writer".to_owned())
+            .spawn(move || write_loop(&jobs))
+            .map_err(|e| Error::Config(format!("cannot start the boundary writer thread: {e}")))?;
+        *open = Some(Open {
+            dir: Arc::clone(&dir),
+            queue: queue.clone(),
+        });
+        Ok((dir, queue))
+    }
+
+    /// Hands `tensor` to the writer; returns at once unless the writer is `write_queue` behind.
+    pub(crate) fn put(&self, tensor: &Tensor, layer: &str) -> Result<DiskBoundary> {
+        let (dir, queue) = self.open(layer)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = dir.path.join(format!("boundary-{id:06}.safetensors"));
+        let (done, written) = mpsc::channel();
+        let job = Job {
+            tensor: tensor.clone(),
+            path: path.clone(),
+            done,
+        };
+        queue.send(job).map_err(|_| Error::Disk {
+            layer: layer.to_owned(),
+            path: path.clone(),
+            action: "queue the boundary for writing",
+            hint: "the writer thread stopped; see the previous error",
+            source: io::Error::other("writer thread gone"),
+        })?;
+        let file = Arc::new(BoundaryFile {
+            path,
+            layer: layer.to_owned(),
+            device: tensor.device().clone(),
+            written: Mutex::new(WriteState::Pending(written)),
+            _dir: dir,
+        });
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&file));
+        Ok(DiskBoundary {
+            file,
+            bytes: super::tensor_bytes(tensor),
+        })
+    }
+}
+
+fn unique() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    #[allow(clippy::cast_possible_truncation)]
+    let t = t as u64;
+    t.rotate_left(17) ^ n
+}
+
+fn write_loop(jobs: &Receiver<Job>) {
+    while let Ok(Job { tensor, path, done }) = jobs.recv() {
+        let started = Instant::now();
+        let result = file::encode(&tensor)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                drop(tensor);
+                write_private(&path, &bytes)
+                    .map(|()| Written {
+                        len: bytes.len() as u64,
+                        crc: crc32fast::hash(&bytes),
+                        took: started.elapsed(),
+                    })
+                    .map_err(|e| describe_io(&e))
+            });
+        // The boundary may already be gone (backward failed early): nobody to tell.
+        let _ = done.send(result);
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.flush()
+}
+
+fn describe_io(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::StorageFull => format!("the disk is full ({e})"),
+        io::ErrorKind::PermissionDenied => format!("permission denied ({e})"),
+        _ => e.to_string(),
+    }
+}
+
+enum WriteState {
+    Pending(Receiver<std::result::Result<Written, String>>),
+    Done(Written),
+}
+
+/// One boundary file; removed on drop.
+pub(crate) struct BoundaryFile {
+    path: PathBuf,
+    layer: String,
+    device: Device,
+    written: Mutex<WriteState>,
+    _dir: Arc<PrivateDir>,
+}
+
+impl std::fmt::Debug for BoundaryFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundaryFile")
+            .field("path", &self.path)
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BoundaryFile {
+    /// Waits for the writer to finish this file.
+    fn written(&self) -> Result<Written> {
+        let mut state = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let written = match &*state {
+            WriteState::Done(w) => return Ok(*w),
+            WriteState::Pending(rx) => rx
+                .recv()
+                .map_err(|_| "the writer thread stopped before writing it".to_owned())
+                .and_then(|r| r),
+        };
+        match written {
+            Ok(w) => {
+                *state = WriteState::Done(w);
+                Ok(w)
+            }
+            Err(reason) => Err(Error::Disk {
+                layer: self.layer.clone(),
+                path: self.path.clone(),
+                action: "write the boundary",
+                hint: "free space on the disk root or point it elsewhere (DiskConfig::root, `--offload-dir`)",
+                source: io::Error::other(reason),
+            }),
+        }
+    }
+
+    /// Reads, verifies and decodes the file (then removes it), on the compute device.
+    fn load(&self) -> Result<(Tensor, Duration, u64)> {
+        let expected = self.written()?;
+        let started = Instant::now();
+        let corrupt = |detail: String| Error::CorruptBoundary {
+            layer: self.layer.clone(),
+            path: self.path.clone(),
+            detail,
+        };
+        let mut bytes = Vec::with_capacity(usize::try_from(expected.len).unwrap_or(0));
+        File::open(&self.path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|source| Error::Disk {
+                layer: self.layer.clone(),
+                path: self.path.clone(),
+                action: "read the boundary",
+                hint: if source.kind() == io::ErrorKind::NotFound {
+                    "the file was removed between forward and backward; keep other processes \
+                     (tmp cleaners) out of the disk root and run the step again"
+                } else {
+                    "check the disk root and run the step again"
+                },
+                source,
+            })?;
+        if bytes.len() as u64 != expected.len {
+            return Err(corrupt(format!(
+                "truncated: {} bytes on disk, {} written",
+                bytes.len(),
+                expected.len
+            )));
+        }
+        let crc = crc32fast::hash(&bytes);
+        if crc != expected.crc {
+            return Err(corrupt(format!(
+                "checksum mismatch: CRC-32 {crc:08x} on disk, {:08x} written",
+                expected.crc
+            )));
+        }
+        let tensor = file::decode(&bytes, &Device::Cpu).map_err(|e| corrupt(e.to_string()))?;
+        let _ = fs::remove_file(&self.path);
+        Ok((tensor, expected.took + started.elapsed(), expected.len))
+    }
+}
+
+impl Drop for BoundaryFile {
+    fn drop(&mut self) {
+        // Let the writer finish first, or the file would appear after its removal.
+        let _ = self.written();
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// A boundary handed to the disk store.
+#[derive(Debug)]
+pub(crate) struct DiskBoundary {
+    pub(crate) file: Arc<BoundaryFile>,
+    pub(crate) bytes: u64,
+}
+
+/// One loaded boundary: the tensor, the time its transfer took, whether it was ready.
+pub(crate) struct Loaded {
+    pub(crate) tensor: Tensor,
+    pub(crate) transfer: Duration,
+    pub(crate) waited: bool,
+}
+
+/// Loads boundary files in the order backward needs them, `depth` ahead, on a thread.
+pub(crate) struct Prefetcher {
+    rx: Option<Receiver<Result<(Tensor, Duration)>>>,
+    thread: Option<thread::JoinHandle<()>>,
+    device: Option<Device>,
+}
+
+impl Drop for Prefetcher {
+    /// Stops the thread and waits for it, so that every file it still held is removed before
+    /// the backward returns (on success, error or panic).
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Prefetcher {
+    /// Starts loading `files` (in the order they will be taken).
+    pub(crate) fn start(files: Vec<Arc<BoundaryFile>>, depth: usize) -> Result<Self> {
+        let device = files.first().map(|f| f.device.clone());
+        let (tx, rx) = mpsc::sync_channel(depth.max(1));
+        let thread = thread::Builder::new()
+            .name("checkpoint-prefetch".to_owned())
+            .spawn(move || {
+                for f in files {
+                    let loaded = f.load().map(|(t, took, _)| (t, took));
+                    let failed = loaded.is_err();
+                    drop(f);
+                    if tx.send(loaded).is_err() || failed {
+                        break; // backward stopped, or nothing after a failure matters
+                    }
+                }
+            })
+            .map_err(|e| Error::Config(format!("cannot start the prefetch thread: {e}")))?;
+        Ok(Self {
+            rx: Some(rx),
+            thread: Some(thread),
+            device,
+        })
+    }
+
+    /// The next boundary, on its compute device.
+    pub(crate) fn next(&self, layer: &str) -> Result<Loaded> {
+        let gone = || Error::Config(format!("internal: the prefetch thread is gone ({layer})"));
+        let rx = self.rx.as_ref().ok_or_else(gone)?;
+        let (result, waited) = match rx.try_recv() {
+            Ok(r) => (r, false),
+            Err(_) => (
+                rx.recv().map_err(|_| {
+                    Error::Config(format!(
+                        "internal: the prefetch thread ended before the boundary of {layer}"
+                    ))
+                })?,
+                true,
+            ),
+        };
+        let (tensor, mut transfer) = result?;
+        let started = Instant::now();
+        let tensor = match &self.device {
+            Some(dev) if !dev.is_cpu() => tensor.to_device(dev)?,
+            _ => tensor,
+        };
+        transfer += started.elapsed();
+        Ok(Loaded {
+            tensor,
+            transfer,
+            waited,
+        })
+    }
+}

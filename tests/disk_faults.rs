@@ -1,0 +1,222 @@
+//! Disk offload faults: each gets an error naming the layer and the file, `backward` returns no
+//! partial gradients, and the engine's files are gone afterwards.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use checkpoint_runtime::{Checkpointer, DiskConfig, Error, Mode, Policy};
+use checkpoint_tests::init::Init;
+use checkpoint_tests::mlp::MlpBlock;
+
+fn stack(depth: usize, hidden: usize) -> Result<(Vec<MlpBlock>, Var)> {
+    let mut init = Init::new(4);
+    let layers = (0..depth)
+        .map(|_| MlpBlock::new(hidden, &mut init, DType::F32, &Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((
+        layers,
+        init.var((4, hidden), 1.0, DType::F32, &Device::Cpu)?,
+    ))
+}
+
+/// A scratch directory (perhaps a mount point) removed on drop.
+struct Scratch(PathBuf, bool);
+
+impl Scratch {
+    fn new(name: &str) -> std::io::Result<Self> {
+        let p = std::env::temp_dir().join(format!("ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p)?;
+        Ok(Self(p, false))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn engine(root: &Path) -> Checkpointer {
+    let config = DiskConfig {
+        root: root.to_owned(),
+        ..DiskConfig::default()
+    };
+    Checkpointer::with_disk(Policy::new(Mode::OffloadDisk), config)
+}
+
+/// Runs a forward to disk, lets `damage` touch the file of layer `target`, and returns the error
+/// of the backward. Checks that no file is left and that the engine then works again.
+fn damaged_backward(name: &str, target: usize, damage: impl Fn(&Path)) -> Result<Error> {
+    let scratch = Scratch::new(name)?;
+    let (layers, x) = stack(3, 16)?;
+    let ckpt = engine(&scratch.0);
+    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+    ckpt.flush()?;
+    let dir = ckpt.disk_dir().expect("private directory");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    files.sort();
+    damage(&files[target]);
+    let err = ckpt
+        .backward(&y.sum_all()?)
+        .err()
+        .expect("the backward must fail");
+    drop(y);
+    assert_eq!(
+        fs::read_dir(&dir)?.count(),
+        0,
+        "{name}: files left behind: {dir:?}"
+    );
+    // Nothing partial was kept: the next step is complete.
+    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+    assert_eq!(ckpt.backward(&y.sum_all()?)?.get_ids().count(), 13);
+    Ok(err)
+}
+
+#[test]
+fn a_missing_boundary_file_is_named() -> Result<()> {
+    let err = damaged_backward("missing", 1, |p| fs::remove_file(p).expect("remove"))?;
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Disk { .. }), "{err:?}");
+    assert!(
+        msg.contains("layer 1 (`MlpBlock::forward`)") && msg.contains("boundary-000001"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("removed between forward and backward"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_truncated_boundary_file_is_named() -> Result<()> {
+    let err = damaged_backward("truncated", 2, |p| {
+        let len = fs::metadata(p).expect("stat").len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .and_then(|f| f.set_len(len / 2))
+            .expect("truncate");
+    })?;
+    let msg = err.to_string();
+    assert!(matches!(err, Error::CorruptBoundary { .. }), "{err:?}");
+    assert!(
+        msg.contains("layer 2 (") && msg.contains("truncated") && msg.contains("boundary-000002"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_corrupted_boundary_file_is_named() -> Result<()> {
+    let err = damaged_backward("corrupt", 0, |p| {
+        let mut bytes = fs::read(p).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(p, bytes).expect("write");
+    })?;
+    let msg = err.to_string();
+    assert!(matches!(err, Error::CorruptBoundary { .. }), "{err:?}");
+    assert!(
+        msg.contains("layer 0 (") && msg.contains("checksum mismatch"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_unwritable_root_is_named_at_the_first_forward() -> Result<()> {
+    let scratch = Scratch::new("unwritable")?;
+    let not_a_dir = scratch.0.join("a-file");
+    fs::write(&not_a_dir, b"")?;
+    let (layers, x) = stack(2, 8)?;
+    let ckpt = engine(&not_a_dir);
+    let err = ckpt
+        .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
+        .err()
+        .expect("the forward must fail");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Disk { .. }), "{err:?}");
+    assert!(
+        msg.contains("layer 0 (") && msg.contains("a-file") && msg.contains("writable"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+/// A real full disk: a 64 KiB tmpfs (needs root, as CI and the development machines run).
+#[test]
+fn a_full_disk_is_named_and_leaves_nothing_behind() -> Result<()> {
+    let mut scratch = Scratch::new("full")?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&scratch.0)
+        .status()?;
+    assert!(mounted.success(), "mounting a small tmpfs needs root");
+    scratch.1 = true;
+    // 6 boundaries of 4×1024 f32 = 16 KiB each: the disk fills at the fourth.
+    let (layers, x) = stack(6, 1024)?;
+    let ckpt = engine(&scratch.0);
+    let result = ckpt
+        .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
+        .and_then(|y| {
+            let loss = y.sum_all()?;
+            ckpt.backward(&loss)
+        });
+    let err = result.err().expect("a full disk must fail the step");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Disk { .. }), "{err:?}");
+    assert!(
+        msg.contains("disk is full") && msg.contains("boundary-0000"),
+        "{msg}"
+    );
+    let dir = ckpt.disk_dir().expect("private directory");
+    let left: Vec<_> = fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    assert!(
+        left.is_empty(),
+        "files left on the full disk: {left:?} after {msg}"
+    );
+    drop(ckpt);
+    assert!(!dir.exists());
+    Ok(())
+}
+
+#[test]
+fn a_panic_mid_forward_removes_the_directory() -> Result<()> {
+    #[derive(Clone)]
+    struct Boom;
+    impl checkpoint_runtime::Layer for Boom {
+        fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+            if x.dims()[0] > 0 {
+                panic!("layer panicked");
+            }
+            Ok(x.clone())
+        }
+    }
+    let scratch = Scratch::new("panic")?;
+    let (layers, x) = stack(2, 8)?;
+    let root = scratch.0.clone();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let ckpt = engine(&root);
+        let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())));
+        let y = y.expect("two good layers");
+        let _ = ckpt.run(&Boom, &y, ());
+    }));
+    assert!(outcome.is_err());
+    assert_eq!(
+        fs::read_dir(&scratch.0)?.count(),
+        0,
+        "private directory left after a panic"
+    );
+    Ok(())
+}
