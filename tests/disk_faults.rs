@@ -66,8 +66,7 @@ fn damaged_backward(name: &str, target: usize, damage: impl Fn(&Path)) -> Result
     damage(&files[target]);
     let err = ckpt
         .backward(&y.sum_all()?)
-        .err()
-        .expect("the backward must fail");
+        .expect_err("the backward must fail");
     drop(y);
     assert_eq!(
         fs::read_dir(&dir)?.count(),
@@ -141,8 +140,7 @@ fn an_unwritable_root_is_named_at_the_first_forward() -> Result<()> {
     let ckpt = engine(&not_a_dir);
     let err = ckpt
         .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
-        .err()
-        .expect("the forward must fail");
+        .expect_err("the forward must fail");
     let msg = err.to_string();
     assert!(matches!(err, Error::Disk { .. }), "{err:?}");
     assert!(
@@ -171,7 +169,7 @@ fn a_full_disk_is_named_and_leaves_nothing_behind() -> Result<()> {
             let loss = y.sum_all()?;
             ckpt.backward(&loss)
         });
-    let err = result.err().expect("a full disk must fail the step");
+    let err = result.expect_err("a full disk must fail the step");
     let msg = err.to_string();
     assert!(matches!(err, Error::Disk { .. }), "{err:?}");
     assert!(

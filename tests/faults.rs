@@ -24,10 +24,7 @@ fn backward_twice_through_a_checkpointed_graph_is_an_error() -> Result<()> {
     let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
     let loss = y.sum_all()?;
     ckpt.backward(&loss)?;
-    let err = ckpt
-        .backward(&loss)
-        .err()
-        .expect("second backward must fail");
+    let err = ckpt.backward(&loss).expect_err("second backward must fail");
     assert!(matches!(err, Error::BackwardTwice { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("layer 0 (`MlpBlock::forward`)"), "{msg}");
@@ -46,8 +43,7 @@ fn plain_loss_backward_is_reported_on_the_next_forward() -> Result<()> {
     let _incomplete = y.sum_all()?.backward()?; // the mistake: bypasses the engine
     let err = ckpt
         .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
-        .err()
-        .expect("the next forward must report the lost gradients");
+        .expect_err("the next forward must report the lost gradients");
     // Two layers of four parameters each.
     assert!(
         matches!(err, Error::UncollectedGradients { count: 8, .. }),
@@ -72,7 +68,7 @@ fn plain_loss_backward_is_reported_by_the_next_backward() -> Result<()> {
         .sum_all()?;
     let _incomplete = loss.backward()?;
     let loss2 = (x.as_tensor() * 2.0)?.sum_all()?;
-    let err = ckpt.backward(&loss2).err().expect("must report");
+    let err = ckpt.backward(&loss2).expect_err("must report");
     assert!(
         matches!(err, Error::UncollectedGradients { count: 4, .. }),
         "{err:?}"
@@ -111,7 +107,7 @@ fn a_failing_layer_is_named_with_its_phase_and_mode() -> Result<()> {
         .collect();
     let ckpt = Checkpointer::new(Policy::recompute());
     let y = ckpt.run_stack(x.as_tensor(), flaky.iter().map(|l| (l, ())))?;
-    let err = ckpt.backward(&y.sum_all()?).err().expect("recompute fails");
+    let err = ckpt.backward(&y.sum_all()?).expect_err("recompute fails");
     let msg = err.to_string();
     assert!(
         matches!(
@@ -139,8 +135,7 @@ fn a_failing_layer_is_named_with_its_phase_and_mode() -> Result<()> {
     };
     let err = ckpt
         .run(&failing_now, x.as_tensor(), ())
-        .err()
-        .expect("forward fails");
+        .expect_err("forward fails");
     assert!(
         matches!(
             err,
@@ -160,8 +155,7 @@ fn an_integer_carry_is_rejected_with_the_mode() -> Result<()> {
     let ids = Tensor::new(&[[1u32, 2]], &Device::Cpu)?;
     let err = Checkpointer::new(Policy::recompute())
         .run_stack(&ids, layers.iter().map(|l| (l, ())))
-        .err()
-        .expect("integer carry");
+        .expect_err("integer carry");
     assert!(err.to_string().contains("float tensor"), "{err}");
     Ok(())
 }

@@ -136,10 +136,11 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
             };
             let grads = output.apply_op1(Seed(grad))?.backward()?;
             for node in output.sorted_nodes() {
-                if node.is_variable() && node.id() != input.as_tensor().id() {
-                    if let Some(g) = grads.get(node) {
-                        self.shared.collect(node, g.detach())?;
-                    }
+                if node.is_variable()
+                    && node.id() != input.as_tensor().id()
+                    && let Some(g) = grads.get(node)
+                {
+                    self.shared.collect(node, g.detach())?;
                 }
             }
             grad = match grads.get(input.as_tensor()) {

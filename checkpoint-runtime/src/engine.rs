@@ -369,10 +369,10 @@ impl Checkpointer {
 
         let mut grads = GradStore::default();
         for node in loss.sorted_nodes() {
-            if node.is_variable() {
-                if let Some(grad) = raw.get(node) {
-                    grads.insert(node, grad.detach());
-                }
+            if node.is_variable()
+                && let Some(grad) = raw.get(node)
+            {
+                grads.insert(node, grad.detach());
             }
         }
         drop(raw);
