@@ -1,1 +1,42 @@
-//! placeholder
+//! Qwen2 (Hugging Face `Qwen2ForCausalLM`) in candle, written with differentiable ops only and
+//! trained through `checkpoint-runtime`'s engines.
+//!
+//! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
+//! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`data`]
+//! (byte-level batches), [`train`] and [`verify`] (parity against a reference file).
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use checkpoint_runtime::{Checkpointer, Policy};
+//!
+//! # fn main() -> qwen2::Result<()> {
+//! let dev = Device::Cpu;
+//! let loaded = qwen2::loader::load("tests/fixtures/qwen2-tiny".as_ref(), DType::F32, &dev)?;
+//! let batch = qwen2::data::collate(&[&[1, 2, 3, 4], &[5, 6]], &dev)?;
+//! let ckpt = Checkpointer::new(Policy::recompute());
+//! let logits = loaded.model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(&ckpt))?;
+//! let loss = qwen2::loss::causal_lm_loss(&logits, &batch.labels)?;
+//! let grads = ckpt.backward(&loss)?; // not loss.backward(): see Checkpointer
+//! # let _ = grads;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod attention;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod layer;
+pub mod loader;
+pub mod loss;
+pub mod mlp;
+pub mod model;
+pub mod nn;
+pub mod rope;
+pub mod train;
+pub mod verify;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use layer::{DecoderLayer, DecoderLayerKwargs};
+pub use model::Qwen2;

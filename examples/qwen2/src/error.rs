@@ -1,0 +1,145 @@
+//! The errors of the library's fallible entry points (config, loader, data, training,
+//! verification). Model code itself returns candle's `Result`.
+
+use std::path::PathBuf;
+
+/// The result type of the loader, trainer and verifier.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What went wrong, naming the file, key or tensor involved and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// A JSON file is malformed or lacks a required key.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// serde's message (it names the key and the line).
+        source: serde_json::Error,
+    },
+
+    /// A configuration key holds a value this implementation does not support.
+    #[error("config key `{key}`: {message}")]
+    Config {
+        /// The key, dotted for nested keys (`rope_parameters.rope_type`).
+        key: String,
+        /// Why, and what to do.
+        message: String,
+    },
+
+    /// The checkpoint's tensors do not match what the config describes.
+    #[error("{} does not match its config:\n{}", dir.display(), list(problems))]
+    Tensors {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// One entry per missing or misshapen tensor.
+        problems: Vec<TensorProblem>,
+    },
+
+    /// A training or verification input is unusable.
+    #[error("{0}")]
+    Data(String),
+
+    /// `verify` found a tensor further from the reference than its tolerance.
+    #[error(
+        "verification failed: {count} tensor(s) above tolerance; worst `{worst}` with relative \
+         error {rel_err:.3e} (tolerance {tolerance:.0e})"
+    )]
+    Verify {
+        /// How many tensors failed.
+        count: usize,
+        /// The tensor with the largest error relative to its tolerance.
+        worst: String,
+        /// Its relative error.
+        rel_err: f64,
+        /// Its tolerance.
+        tolerance: f64,
+    },
+
+    /// The checkpointing engine failed (it names the layer and the mode).
+    #[error(transparent)]
+    Checkpoint(Box<checkpoint_runtime::Error>),
+
+    /// A candle operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One tensor that the loader could not use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorProblem {
+    /// The config needs the tensor, no file has it.
+    Missing {
+        /// Hugging Face name.
+        name: String,
+        /// What to check.
+        hint: String,
+    },
+    /// The tensor's shape differs from the one the config implies.
+    Shape {
+        /// Hugging Face name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+}
+
+impl std::fmt::Display for TensorProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TensorProblem::Missing { name, hint } => write!(f, "missing tensor `{name}` ({hint})"),
+            TensorProblem::Shape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor `{name}` has shape {found:?}, the config implies {expected:?} \
+                 (check hidden_size, intermediate_size, num_attention_heads, \
+                 num_key_value_heads, head_dim and vocab_size)"
+            ),
+        }
+    }
+}
+
+fn list(problems: &[TensorProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl From<checkpoint_runtime::Error> for Error {
+    fn from(err: checkpoint_runtime::Error) -> Self {
+        Error::Checkpoint(Box::new(err))
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(key: &str, message: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}

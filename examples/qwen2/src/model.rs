@@ -1,0 +1,112 @@
+//! Qwen2ForCausalLM: token embedding → decoder layers → final norm → output head (tied to the
+//! embedding or its own `lm_head.weight`).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use checkpoint_runtime::Checkpointer;
+
+use crate::attention::additive_mask;
+use crate::config::Config;
+use crate::layer::{DecoderLayer, DecoderLayerKwargs};
+use crate::nn::{RmsNorm, linear};
+use crate::rope::Rope;
+
+/// The causal language model. Its parameters carry their Hugging Face names in the
+/// [`VarBuilder`] it was built from.
+#[derive(Debug, Clone)]
+pub struct Qwen2 {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    cfg: Config,
+}
+
+impl Qwen2 {
+    /// `vb.model.{embed_tokens, layers.N, norm}` and, for an untied head, `vb.lm_head.weight`.
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        let model = vb.pp("model");
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.initializer_range,
+        };
+        let embeddings = model.pp("embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            init,
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, &model.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg, &model.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embeddings.clone(), None)
+        } else {
+            linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                cfg,
+                &vb.pp("lm_head"),
+            )?
+        };
+        Ok(Self {
+            embed_tokens: Embedding::new(embeddings, cfg.hidden_size),
+            layers,
+            norm,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Logits `(b, t, vocab)` for `input_ids` `(b, t)` (u32 or i64) with `attention_mask`
+    /// `(b, t)` (1 = token, 0 = right padding; `None` = no padding).
+    ///
+    /// `ckpt`: `None` runs the layers as plain calls; `Some` runs the whole stack through the
+    /// engine as one `run_stack`, and the gradients must then come from
+    /// [`Checkpointer::backward`].
+    ///
+    /// # Errors
+    /// On a shape mismatch, or an engine error naming the layer.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ckpt: Option<&Checkpointer>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let mut xs = self.embed_tokens.forward(input_ids)?; // (b, t, hidden)
+        let dtype = xs.dtype();
+        let rope = Rope::new(&self.cfg, t, dtype, device)?;
+        let mask = additive_mask(attention_mask, b, t, device)?; // (b, 1, t, t) f32
+        match ckpt {
+            None => {
+                for layer in &self.layers {
+                    xs = layer.forward(&xs, Some(&mask), &rope)?;
+                }
+            }
+            Some(ckpt) => {
+                let calls = self.layers.iter().map(|layer| {
+                    let kwargs = DecoderLayerKwargs {
+                        attention_mask: Some(mask.clone()),
+                        rope: rope.clone(),
+                    };
+                    (layer, kwargs)
+                });
+                xs = ckpt.run_stack(&xs, calls)?;
+            }
+        }
+        let xs = self.norm.forward(&xs)?; // (b, t, hidden)
+        self.lm_head.forward(&xs) // (b, t, vocab)
+    }
+}

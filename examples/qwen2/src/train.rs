@@ -1,0 +1,365 @@
+//! The training loop: AdamW (candle-nn) with decoupled weight decay on matrices only, global-norm
+//! gradient clipping, linear warmup then cosine decay of the learning rate, gradients from the
+//! checkpointing engine, and a progress line with loss, tokens/s and memory.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use checkpoint_runtime::{Checkpointer, Mode, Policy};
+
+use crate::data::ByteDataset;
+use crate::error::{Error, Result};
+use crate::loss::causal_lm_loss;
+use crate::model::Qwen2;
+
+/// The checkpointing policy for a mode and the CLI's policy options.
+///
+/// # Errors
+/// For the offload modes, which the engine does not implement yet: a clear error rather than a
+/// silent fallback to another mode.
+pub fn policy(mode: Mode, segment: usize, first: Option<usize>) -> Result<Policy> {
+    if matches!(mode, Mode::OffloadHost | Mode::OffloadDisk) {
+        return Err(Error::Data(format!(
+            "--checkpoint {mode}: offloading is not implemented by checkpoint-runtime yet (it \
+             arrives with the offload issue); use --checkpoint recompute (boundaries on the \
+             device) or none"
+        )));
+    }
+    let mut policy = Policy::new(mode).segments(segment);
+    if let Some(n) = first {
+        policy = policy.first(n);
+    }
+    Ok(policy)
+}
+
+/// Hyper-parameters of a run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per batch.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Steps of linear warmup.
+    pub warmup: usize,
+    /// The cosine decays to `lr * min_lr_ratio` at the last step.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm bound (0: no clipping).
+    pub clip: f64,
+    /// AdamW weight decay, applied to matrices (not to norms and biases).
+    pub weight_decay: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 60,
+            batch: 8,
+            lr: 3e-3,
+            warmup: 4,
+            min_lr_ratio: 0.1,
+            clip: 1.0,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate of step `step` (0-based): linear warmup to `lr`, then cosine decay.
+    #[must_use]
+    pub fn lr_at(&self, step: usize) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let (s, warmup, total) = (step as f64, self.warmup as f64, self.steps as f64);
+        if s < warmup {
+            return self.lr * (s + 1.0) / (warmup + 1.0);
+        }
+        let span = (total - warmup - 1.0).max(1.0);
+        let progress = ((s - warmup) / span).clamp(0.0, 1.0);
+        let min = self.lr * self.min_lr_ratio;
+        min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The checkpoint mode.
+    pub mode: Mode,
+    /// Loss of every step.
+    pub losses: Vec<f32>,
+    /// Non-padding tokens trained on.
+    pub tokens: usize,
+    /// Time in forward, backward and optimizer steps.
+    pub elapsed: Duration,
+    /// Peak resident memory of the process (bytes), where the OS reports it.
+    pub peak_rss: Option<u64>,
+    /// Peak GPU memory in use (device-wide, sampled after each step), on CUDA.
+    pub peak_gpu: Option<u64>,
+    /// Time the engine spent recomputing layers.
+    pub recompute: Duration,
+}
+
+impl Summary {
+    /// Tokens per second over the whole run.
+    #[must_use]
+    pub fn tokens_per_s(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let t = self.tokens as f64;
+        t / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first = self.losses.first().copied().unwrap_or(f32::NAN);
+        let last = self.losses.last().copied().unwrap_or(f32::NAN);
+        let tail = &self.losses[self.losses.len().saturating_sub(5)..];
+        #[allow(clippy::cast_precision_loss)]
+        let tail_mean = tail.iter().sum::<f32>() / tail.len().max(1) as f32;
+        writeln!(
+            f,
+            "loss {first:.4} -> {last:.4} (mean of the last {}: {tail_mean:.4})",
+            tail.len()
+        )?;
+        writeln!(
+            f,
+            "{} steps, {} tokens in {:.1} s: {:.0} tokens/s",
+            self.losses.len(),
+            self.tokens,
+            self.elapsed.as_secs_f64(),
+            self.tokens_per_s()
+        )?;
+        write!(f, "peak memory: host RSS {}", fmt_bytes(self.peak_rss))?;
+        if self.peak_gpu.is_some() {
+            write!(f, ", GPU in use {}", fmt_bytes(self.peak_gpu))?;
+        }
+        writeln!(f)?;
+        write!(
+            f,
+            "checkpoint mode: {} (recompute time {:.2} s)",
+            self.mode,
+            self.recompute.as_secs_f64()
+        )
+    }
+}
+
+/// Trains `model` (whose parameters are `params`) on batches from `data`, every stack through
+/// `ckpt`. Prints a progress line to stderr.
+///
+/// # Errors
+/// A candle or engine error (naming the layer), a non-finite loss, or a parameter that receives
+/// no gradient (checked on the first step).
+pub fn train(
+    model: &Qwen2,
+    params: &[(String, Var)],
+    data: &mut ByteDataset,
+    ckpt: &Checkpointer,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<Summary> {
+    let (matrices, vectors): (Vec<Var>, Vec<Var>) = params
+        .iter()
+        .map(|(_, v)| v.clone())
+        .partition(|v| v.rank() >= 2);
+    let adam = |vars, weight_decay| {
+        AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )
+    };
+    let mut decayed = adam(matrices, cfg.weight_decay)?;
+    let mut plain = adam(vectors, 0.0)?;
+    let mut progress = Progress::new(cfg.steps);
+    let mut losses = Vec::with_capacity(cfg.steps);
+    let mut tokens = 0;
+    let started = Instant::now();
+    let _ = ckpt.take_stats();
+    let mut recompute = Duration::ZERO;
+    let mut peak_gpu = None;
+    for step in 0..cfg.steps {
+        let lr = cfg.lr_at(step);
+        decayed.set_learning_rate(lr);
+        plain.set_learning_rate(lr);
+        let batch = data.sample(cfg.batch, device)?;
+        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(ckpt))?;
+        let loss = causal_lm_loss(&logits, &batch.labels)?;
+        drop(logits);
+        let mut grads = ckpt.backward(&loss)?;
+        let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !loss.is_finite() {
+            return Err(Error::Data(format!(
+                "step {step}: the loss is {loss}; lower --lr (now {lr:.2e})"
+            )));
+        }
+        if step == 0
+            && let Some((name, _)) = params
+                .iter()
+                .find(|(_, v)| grads.get(v.as_tensor()).is_none())
+        {
+            return Err(Error::Data(format!(
+                "parameter `{name}` received no gradient (mode {}): an op on its path cuts \
+                     the graph",
+                ckpt.mode()
+            )));
+        }
+        let norm = clip_grad_norm(&mut grads, params, cfg.clip)?;
+        decayed.step(&grads)?;
+        plain.step(&grads)?;
+        drop(grads);
+        tokens += batch.tokens;
+        losses.push(loss);
+        recompute += ckpt.take_stats().recompute;
+        let gpu = gpu_used_bytes(device);
+        peak_gpu = peak_gpu.max(gpu);
+        #[allow(clippy::cast_precision_loss)]
+        let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        progress.update(step + 1, loss, lr, norm, tps, gpu);
+    }
+    progress.finish();
+    Ok(Summary {
+        mode: ckpt.mode(),
+        losses,
+        tokens,
+        elapsed: started.elapsed(),
+        peak_rss: peak_rss_bytes(),
+        peak_gpu,
+        recompute,
+    })
+}
+
+/// Scales the gradients of `params` so that their global L2 norm is at most `max_norm`
+/// (`0`: no clipping). Returns the norm before clipping.
+///
+/// # Errors
+/// If candle cannot compute the norm.
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    params: &[(String, Var)],
+    max_norm: f64,
+) -> Result<f64> {
+    let mut squares = Vec::with_capacity(params.len());
+    for (_, var) in params {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            squares.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+        }
+    }
+    if squares.is_empty() {
+        return Ok(0.0);
+    }
+    let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for (_, var) in params {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                grads.insert(var.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// The process's resident memory now, in bytes (Linux: `/proc/self/status`, `VmRSS`).
+#[must_use]
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// The process's peak resident memory, in bytes (Linux: `/proc/self/status`, `VmHWM`).
+#[must_use]
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Memory in use on the CUDA device (device-wide: `total − free`); `None` on the CPU.
+#[must_use]
+pub fn gpu_used_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        let cuda = device.as_cuda_device().ok()?;
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        u64::try_from(total.saturating_sub(free)).ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// `123.4 MiB`, or `n/a`.
+#[must_use]
+pub fn fmt_bytes(bytes: Option<u64>) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    bytes.map_or_else(
+        || "n/a".to_owned(),
+        |b| format!("{:.1} MiB", b as f64 / 1048576.0),
+    )
+}
+
+/// A one-line progress bar on a terminal, one line per step otherwise.
+struct Progress {
+    total: usize,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(
+        &mut self,
+        step: usize,
+        loss: f32,
+        lr: f64,
+        norm: f64,
+        tokens_per_s: f64,
+        gpu: Option<u64>,
+    ) {
+        const WIDTH: usize = 20;
+        let filled = (step * WIDTH).checked_div(self.total).unwrap_or(WIDTH);
+        let bar = format!("{}{}", "#".repeat(filled), ".".repeat(WIDTH - filled));
+        let tps = tokens_per_s;
+        let line = format!(
+            "[{bar}] step {step:>4}/{} loss {loss:.4} lr {lr:.2e} |g| {norm:.2} {tps:.0} tok/s rss {}{}",
+            self.total,
+            fmt_bytes(rss_bytes()),
+            gpu.map_or_else(String::new, |g| format!(" gpu {}", fmt_bytes(Some(g))))
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = if self.tty {
+            write!(err, "\r{line}\x1b[K")
+        } else {
+            writeln!(err, "{line}")
+        };
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}

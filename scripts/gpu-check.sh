@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# GPU check of the Qwen2 example, for a CUDA machine with nvcc and no network, in one call of
+# at most 8 minutes: build with --features cuda, run `verify` on the fixture for every mode,
+# a short training run per mode, and print a table.
+#
+# Crates must travel with the tree. On a machine with network, from the repository root:
+#
+#   cargo vendor --locked --versioned-dirs vendor > /dev/null   # writes vendor/ (~250 MB)
+#   tar -czf vendor.tar.gz vendor && rm -rf vendor              # ~29 MB, fits a 64 MiB transfer
+#
+# The script unpacks vendor.tar.gz when there is no vendor/, then builds with `--offline`
+# against vendor/ (passed with --config; no .cargo/config.toml needed). Without either it tries
+# `--offline` against the local cargo registry cache. Usage, from anywhere: scripts/gpu-check.sh
+#
+# Environment: CUDA_COMPUTE_CAP (default: from nvidia-smi), STEPS (training steps per mode,
+# default 20), BUDGET_S (total seconds, default 470). FEATURES= (empty) is a dry run of the
+# script itself on a CPU machine: no GPU probe, no cuda feature.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+budget=${BUDGET_S:-470}
+steps=${STEPS:-20}
+left() { echo $((budget - ($(date +%s) - start))); }
+
+features=${FEATURES-cuda}
+echo "== machine"
+if [ -n "$features" ]; then
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || {
+    echo "nvidia-smi failed: no usable GPU"; exit 2; }
+nvcc --version | tail -n 2 || { echo "nvcc not on PATH: the cuda build needs it"; exit 2; }
+if [ -z "${CUDA_COMPUTE_CAP:-}" ]; then
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')
+    export CUDA_COMPUTE_CAP=$cap
+fi
+echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
+else
+    echo "dry run on the CPU (FEATURES is empty)"
+fi
+
+if [ ! -d vendor ] && [ -f vendor.tar.gz ]; then
+    echo "unpacking vendor.tar.gz"
+    tar -xzf vendor.tar.gz || { echo "cannot unpack vendor.tar.gz"; exit 1; }
+fi
+
+cargo_args=(--offline --release -p qwen2)
+[ -n "$features" ] && cargo_args+=(--features "$features")
+if [ -d vendor ]; then
+    cargo_args+=(--config 'source.crates-io.replace-with="vendored-sources"'
+                 --config 'source.vendored-sources.directory="vendor"')
+    echo "crates: vendor/"
+else
+    echo "crates: no vendor/ directory, using the local registry cache (see the header)"
+fi
+
+echo "== build ($(left) s left)"
+t0=$(date +%s)
+timeout $(( $(left) - 60 )) cargo build "${cargo_args[@]}" > target/gpu-check-build.log 2>&1
+brc=$?
+tail -n 15 target/gpu-check-build.log
+if [ $brc != 0 ]; then
+    echo "build failed (rc $brc; 124 = out of time); full log: target/gpu-check-build.log"; exit 1
+fi
+build_s=$(( $(date +%s) - t0 ))
+bin=target/release/qwen2
+fixture=tests/fixtures/qwen2-tiny
+
+# outcome RC OUTPUT OK_TEXT: OK_TEXT, "not implemented", or FAIL with the error's start.
+outcome() {
+    if [ "$1" = 0 ]; then echo "$3"
+    elif printf '%s\n' "$2" | grep -q 'not implemented'; then echo "not implemented yet"
+    else echo "FAIL (rc $1): $(printf '%s\n' "$2" | grep '^error' | head -n 1 | cut -c8-60)"; fi
+}
+
+declare -a rows
+for mode in none recompute offload-host offload-disk; do
+    if [ "$(left)" -lt 20 ]; then rows+=("$mode|skipped (time)|||||"); continue; fi
+    v=$(timeout 60 "$bin" verify --model "$fixture" --reference "$fixture/reference.safetensors" \
+        --checkpoint "$mode" 2>&1)
+    vrc=$?
+    worst=$(printf '%s\n' "$v" | sed -n 's/^worst: \([^(]*\).*/\1/p')
+    verdict=$(outcome $vrc "$v" pass)
+    tr=$(timeout 120 "$bin" train --checkpoint "$mode" --steps "$steps" 2>&1)
+    trc=$?
+    loss=$(printf '%s\n' "$tr" | sed -n 's/^loss \([^ ]*\) -> \([^ ]*\).*/\1 -> \2/p')
+    tps=$(printf '%s\n' "$tr" | sed -n 's/.*: \([0-9]*\) tokens\/s$/\1/p')
+    mem=$(printf '%s\n' "$tr" | sed -n 's/.*GPU in use \(.*\)$/\1/p')
+    [ -n "$mem" ] || mem=$(printf '%s\n' "$tr" | sed -n 's/^peak memory: host RSS \([^,]*\).*/\1 (RSS)/p')
+    [ $trc = 0 ] || loss=$(outcome $trc "$tr" "")
+    rows+=("$mode|$verdict|$worst|$loss|$tps|$mem")
+    printf '%s\n' "-- $mode" "$v" | tail -n 3
+    printf '%s\n' "$tr" | tail -n 6
+done
+
+echo
+echo "== summary (build ${build_s} s, total $(( $(date +%s) - start )) s, ${features:-cpu} build, $steps training steps per mode)"
+printf '%-13s | %-20s | %-30s | %-19s | %-6s | %s\n' mode verify "rel. err logits / loss / grad" "train loss" "tok/s" "peak memory"
+for r in "${rows[@]}"; do
+    IFS='|' read -r m v w l t g <<< "$r"
+    printf '%-13s | %-20s | %-30s | %-19s | %-6s | %s\n' "$m" "$v" "$w" "$l" "$t" "$g"
+done
