@@ -115,15 +115,23 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
         let prefetch = if files.is_empty() {
             None
         } else {
-            Some(Prefetcher::start(files, self.shared.disk.prefetch_depth())?)
+            Some(Prefetcher::start(
+                files,
+                self.shared.stores.disk.prefetch_depth(),
+            )?)
         };
         let mut grad = grad.clone();
-        for (seg, kept) in saved.into_iter().rev() {
+        let mut segments = saved.into_iter().rev().peekable();
+        while let Some((seg, kept)) = segments.next() {
             let (input, output) = match kept {
                 Saved::Graph { input, output } => (input, output),
                 Saved::Boundary(boundary) => {
                     let layer = describe::<L, K>(seg.start);
                     let boundary = self.shared.fetch(boundary, prefetch.as_ref(), &layer)?;
+                    // Bring the next boundary back while this segment recomputes.
+                    if let Some((_, Saved::Boundary(next))) = segments.peek() {
+                        next.prefetch()?;
+                    }
                     let started = Instant::now();
                     // A copy, so that the boundary is a leaf whose gradient nothing swallows.
                     let input = Var::from_tensor(&boundary)?;

@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Placement, Policy, Segment};
 use crate::stats::Stats;
-use crate::store::disk::{DiskConfig, DiskStore};
-use crate::store::{Boundary, Saved, tensor_bytes};
+use crate::store::disk::DiskConfig;
+use crate::store::{Boundary, Saved, Stores, tensor_bytes};
 
 /// Runs layer stacks under a checkpointing [`Policy`] and computes complete gradients.
 ///
@@ -71,7 +71,7 @@ pub(crate) struct Shared {
     /// The typed error behind a failed backward (candle only carries its message).
     fault: Mutex<Option<Error>>,
     stats: Mutex<Stats>,
-    pub(crate) disk: DiskStore,
+    pub(crate) stores: Stores,
     /// Boundary bytes resident on the compute device now.
     resident: AtomicU64,
     /// Budget plans, per stack length, from the probe step.
@@ -97,7 +97,7 @@ impl Shared {
     /// Keeps `hidden` as the boundary of `seg`, wherever the segment's placement says.
     pub(crate) fn store(&self, hidden: &Tensor, seg: Segment, layer: &str) -> Result<Boundary> {
         let started = std::time::Instant::now();
-        let boundary = Boundary::store(hidden, seg.placement, &self.disk, layer)?;
+        let boundary = Boundary::store(hidden, seg.placement, &self.stores, layer)?;
         let bytes = boundary.bytes();
         let mut stats = self.stats_mut();
         stats.add_boundary(seg.placement, bytes);
@@ -192,7 +192,7 @@ impl Checkpointer {
                 collected: Mutex::default(),
                 fault: Mutex::default(),
                 stats: Mutex::default(),
-                disk: DiskStore::new(disk),
+                stores: Stores::new(disk),
                 resident: AtomicU64::new(0),
                 plans: Mutex::default(),
             }),
@@ -204,13 +204,13 @@ impl Checkpointer {
     /// # Errors
     /// The first failed write, naming the layer and the file.
     pub fn flush(&self) -> Result<()> {
-        self.shared.disk.flush()
+        self.shared.stores.disk.flush()
     }
 
     /// The engine's private directory for disk boundaries, once created.
     #[must_use]
     pub fn disk_dir(&self) -> Option<PathBuf> {
-        self.shared.disk.dir()
+        self.shared.stores.disk.dir()
     }
 
     /// The policy this engine applies.

@@ -8,14 +8,34 @@
 
 pub(crate) mod disk;
 mod file;
+#[cfg(feature = "cuda")]
+mod pinned;
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 
-use self::disk::{DiskBoundary, DiskStore, Prefetcher};
+use self::disk::{DiskBoundary, DiskConfig, DiskStore, Prefetcher};
 use crate::error::Result;
 use crate::policy::Placement;
+
+/// The boundary stores of one engine.
+#[derive(Debug)]
+pub(crate) struct Stores {
+    pub(crate) disk: DiskStore,
+    #[cfg(feature = "cuda")]
+    pinned: pinned::PinnedStore,
+}
+
+impl Stores {
+    pub(crate) fn new(disk: DiskConfig) -> Self {
+        Self {
+            disk: DiskStore::new(disk),
+            #[cfg(feature = "cuda")]
+            pinned: pinned::PinnedStore::default(),
+        }
+    }
+}
 
 /// The state of one segment of a checkpointed stack.
 pub(crate) enum Saved {
@@ -29,8 +49,14 @@ pub(crate) enum Saved {
 pub(crate) enum Boundary {
     /// On the compute device.
     Device(Tensor),
-    /// In host memory, to be copied back to `device`.
+    /// In host memory, to be copied back to `device` (on a CPU device: the tensor itself).
     Host { tensor: Tensor, device: Device },
+    /// In a pinned host buffer of a CUDA device.
+    #[cfg(feature = "cuda")]
+    Pinned {
+        boundary: std::sync::Arc<pinned::PinnedBoundary>,
+        bytes: u64,
+    },
     /// In a file.
     Disk(DiskBoundary),
 }
@@ -48,17 +74,31 @@ impl Boundary {
     pub(crate) fn store(
         hidden: &Tensor,
         placement: Placement,
-        disk: &DiskStore,
+        stores: &Stores,
         layer: &str,
     ) -> Result<Self> {
         Ok(match placement {
             Placement::Graph | Placement::Device => Boundary::Device(hidden.clone()),
+            #[cfg(feature = "cuda")]
+            Placement::Host if hidden.device().is_cuda() => Boundary::Pinned {
+                boundary: stores.pinned.store(hidden)?,
+                bytes: tensor_bytes(hidden),
+            },
             Placement::Host => Boundary::Host {
                 tensor: hidden.to_device(&Device::Cpu)?,
                 device: hidden.device().clone(),
             },
-            Placement::Disk => Boundary::Disk(disk.put(hidden, layer)?),
+            Placement::Disk => Boundary::Disk(stores.disk.put(hidden, layer)?),
         })
+    }
+
+    /// Starts bringing the boundary back ahead of its use, where the store can.
+    pub(crate) fn prefetch(&self) -> Result<()> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Boundary::Pinned { boundary, .. } => Ok(boundary.prefetch()?),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes the boundary occupies where it lives.
@@ -66,6 +106,8 @@ impl Boundary {
         match self {
             Boundary::Device(t) | Boundary::Host { tensor: t, .. } => tensor_bytes(t),
             Boundary::Disk(d) => d.bytes,
+            #[cfg(feature = "cuda")]
+            Boundary::Pinned { bytes, .. } => *bytes,
         }
     }
 
@@ -86,6 +128,12 @@ impl Boundary {
                     waited: None,
                 })
             }
+            #[cfg(feature = "cuda")]
+            Boundary::Pinned { boundary, .. } => Ok(Fetched {
+                tensor: boundary.take()?,
+                transfer: started.elapsed(),
+                waited: None,
+            }),
             Boundary::Disk(d) => {
                 let loaded = match prefetch {
                     Some(p) => p.next(layer)?,
