@@ -158,3 +158,32 @@ fn budget_plans_match_none_exactly() -> Result<()> {
     }
     Ok(())
 }
+
+/// The stats of one step say where every boundary lived.
+#[test]
+fn stats_count_boundaries_by_location() -> Result<()> {
+    let f = fixture(6)?;
+    let boundary = (f.x.elem_count() * 4) as u64;
+    for mode in [Mode::Recompute, Mode::OffloadHost, Mode::OffloadDisk] {
+        let ckpt = Checkpointer::new(Policy::new(mode).keep_last(2));
+        step(&ckpt, &f)?;
+        let stats = ckpt.take_stats();
+        println!("{mode}:\n{stats}");
+        assert_eq!((stats.stacks, stats.segments), (1, 6), "{mode}");
+        // keep_last(2): the last two boundaries stay on the device in every mode.
+        let (device, elsewhere) = if mode == Mode::Recompute { (6, 0) } else { (2, 4) };
+        assert_eq!(stats.device_bytes, device * boundary, "{mode}");
+        assert_eq!(stats.peak_device_bytes, device * boundary, "{mode}");
+        let offloaded = match mode {
+            Mode::OffloadHost => stats.host_bytes,
+            Mode::OffloadDisk => stats.disk_bytes,
+            _ => stats.host_bytes + stats.disk_bytes,
+        };
+        assert_eq!(offloaded, elsewhere * boundary, "{mode}");
+        let disk_fetches = if mode == Mode::OffloadDisk { 4 } else { 0 };
+        assert_eq!(stats.prefetch_hits + stats.prefetch_waits, disk_fetches, "{mode}");
+        assert!(stats.recompute > std::time::Duration::ZERO, "{mode}");
+        assert_eq!(ckpt.take_stats(), checkpoint_runtime::Stats::default(), "taken");
+    }
+    Ok(())
+}

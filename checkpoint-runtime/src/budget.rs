@@ -197,6 +197,30 @@ impl fmt::Display for BudgetPlan {
     }
 }
 
+/// Bytes the autograd graph behind `out` keeps alive, parameters (`Var`s) excluded. Views that
+/// share a buffer count it once, at the extent they address.
+pub(crate) fn graph_bytes(out: &candle_core::Tensor) -> u64 {
+    let mut extents: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    for node in out.sorted_nodes() {
+        if node.is_variable() {
+            continue;
+        }
+        let (storage, layout) = node.storage_and_layout();
+        let key = std::ptr::from_ref::<candle_core::Storage>(&storage).addr();
+        let span = layout
+            .dims()
+            .iter()
+            .zip(layout.stride())
+            .map(|(&d, &s)| d.saturating_sub(1) * s)
+            .sum::<usize>()
+            + usize::from(layout.dims().iter().all(|&d| d > 0));
+        let bytes = ((layout.start_offset() + span) * node.dtype().size_in_bytes()) as u64;
+        let entry = extents.entry(key).or_default();
+        *entry = (*entry).max(bytes);
+    }
+    extents.values().sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,28 +334,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Bytes the autograd graph behind `out` keeps alive, parameters (`Var`s) excluded. Views that
-/// share a buffer count it once, at the extent they address.
-pub(crate) fn graph_bytes(out: &candle_core::Tensor) -> u64 {
-    let mut extents: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
-    for node in out.sorted_nodes() {
-        if node.is_variable() {
-            continue;
-        }
-        let (storage, layout) = node.storage_and_layout();
-        let key = std::ptr::from_ref::<candle_core::Storage>(&storage).addr();
-        let span = layout
-            .dims()
-            .iter()
-            .zip(layout.stride())
-            .map(|(&d, &s)| d.saturating_sub(1) * s)
-            .sum::<usize>()
-            + usize::from(layout.dims().iter().all(|&d| d > 0));
-        let bytes = ((layout.start_offset() + span) * node.dtype().size_in_bytes()) as u64;
-        let entry = extents.entry(key).or_default();
-        *entry = (*entry).max(bytes);
-    }
-    extents.values().sum()
 }

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::mem;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::backprop::GradStore;
@@ -72,8 +71,6 @@ pub(crate) struct Shared {
     fault: Mutex<Option<Error>>,
     stats: Mutex<Stats>,
     pub(crate) stores: Stores,
-    /// Boundary bytes resident on the compute device now.
-    resident: AtomicU64,
     /// Budget plans, per stack length, from the probe step.
     plans: Mutex<HashMap<usize, BudgetPlan>>,
 }
@@ -102,8 +99,7 @@ impl Shared {
         let mut stats = self.stats_mut();
         stats.add_boundary(seg.placement, bytes);
         if seg.placement == Placement::Device {
-            let now = self.resident.fetch_add(bytes, Ordering::Relaxed) + bytes;
-            stats.peak_device_bytes = stats.peak_device_bytes.max(now);
+            stats.peak_device_bytes = stats.peak_device_bytes.max(self.stores.resident_bytes());
         } else {
             stats.transfer += started.elapsed();
         }
@@ -117,9 +113,6 @@ impl Shared {
         prefetch: Option<&crate::store::disk::Prefetcher>,
         layer: &str,
     ) -> Result<Tensor> {
-        if let Boundary::Device(_) = boundary {
-            self.resident.fetch_sub(boundary.bytes(), Ordering::Relaxed);
-        }
         let fetched = boundary.fetch(prefetch, layer)?;
         let mut stats = self.stats_mut();
         stats.transfer += fetched.transfer;
@@ -193,7 +186,6 @@ impl Checkpointer {
                 fault: Mutex::default(),
                 stats: Mutex::default(),
                 stores: Stores::new(disk),
-                resident: AtomicU64::new(0),
                 plans: Mutex::default(),
             }),
         }

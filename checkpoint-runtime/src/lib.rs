@@ -1,14 +1,61 @@
 //! Gradient checkpointing for [candle](https://github.com/huggingface/candle), with the layer
 //! resolved at compile time and gradients equal to the plain graph's.
 //!
-//! - [`Layer`]: what an engine can re-run; `#[checkpointable]` implements it for you.
+//! - [`checkpointable`]: the attribute that makes a layer checkpointable (struct and impl) and
+//!   rewrites the layer calls of a model's forward into calls through an engine.
+//! - [`Layer`] and [`Kwargs`]: what the attribute implements: one entry point taking the layer
+//!   (`&self`), the carry tensor and the owned keyword record.
 //! - [`Checkpointer`]: runs stacks of layers under a [`Policy`] and returns complete gradients
-//!   from [`Checkpointer::backward`].
+//!   from [`Checkpointer::backward`]; [`Stats`] says what it kept where and what that cost.
 //!
 //! A checkpointed stack is one node of candle's graph. The forward runs the layers without
-//! keeping their graphs and stores only each segment's input (its boundary); the backward
-//! re-runs each segment from its boundary and back-propagates through that fresh graph.
-//! Everything downstream of the stack is ordinary candle.
+//! keeping their graphs and stores only each segment's input (its boundary) on the device
+//! ([`Mode::Recompute`]), in host memory ([`Mode::OffloadHost`]) or in a private file
+//! ([`Mode::OffloadDisk`]); the backward brings each boundary back, re-runs its segment and
+//! back-propagates through that fresh graph. Everything downstream of the stack is ordinary
+//! candle, and the gradients are those of the plain graph ([`Mode::None`]): bit for bit on CPU.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use checkpoint_runtime::{Checkpointer, Mode, Policy, checkpointable};
+//!
+//! #[checkpointable]
+//! #[derive(Clone)]
+//! struct Scale(Var);
+//!
+//! #[checkpointable]
+//! impl Scale {
+//!     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+//!         xs.broadcast_mul(self.0.as_tensor())?.tanh()
+//!     }
+//! }
+//!
+//! /// The loop becomes one checkpointed stack; with `ckpt = None`, plain calls.
+//! #[checkpointable(engine = ckpt)]
+//! fn stack(layers: &[Scale], xs: &Tensor, ckpt: Option<&Checkpointer>) -> candle_core::Result<Tensor> {
+//!     let mut xs = xs.clone();
+//!     #[checkpoint]
+//!     for layer in layers {
+//!         xs = layer.forward(&xs)?;
+//!     }
+//!     Ok(xs)
+//! }
+//!
+//! # fn main() -> checkpoint_runtime::Result<()> {
+//! let dev = Device::Cpu;
+//! let layers = vec![Scale(Var::new(&[0.5f32], &dev)?), Scale(Var::new(&[2.0f32], &dev)?)];
+//! let xs = Tensor::new(&[[1.0f32, -1.0]], &dev)?;
+//! let grads = |mode| -> checkpoint_runtime::Result<Vec<f32>> {
+//!     let ckpt = Checkpointer::new(Policy::new(mode));
+//!     let ys = stack(&layers, &xs, Some(&ckpt))?;
+//!     let grads = ckpt.backward(&ys.sum_all()?)?;
+//!     let g = grads.get(layers[0].0.as_tensor()).expect("every parameter has a gradient");
+//!     Ok(g.to_vec1::<f32>()?)
+//! };
+//! assert_eq!(grads(Mode::OffloadDisk)?, grads(Mode::None)?);
+//! # Ok(())
+//! # }
+//! ```
 
 mod autograd;
 mod budget;
@@ -32,3 +79,8 @@ pub use store::disk::DiskConfig;
 
 #[doc(hidden)]
 pub mod __private;
+
+/// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

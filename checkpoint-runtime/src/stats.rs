@@ -42,9 +42,21 @@ impl Stats {
     }
 }
 
+/// `bytes` in the largest binary unit that keeps the number at least 1.
 #[allow(clippy::cast_precision_loss)]
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
 }
 
 impl fmt::Display for Stats {
@@ -56,23 +68,23 @@ impl fmt::Display for Stats {
         writeln!(f, "| segments checkpointed     | {:>12} |", self.segments)?;
         writeln!(
             f,
-            "| boundaries on device      | {:>8.2} MiB |",
-            mib(self.device_bytes)
+            "| boundaries on device      | {:>12} |",
+            human(self.device_bytes)
         )?;
         writeln!(
             f,
-            "| boundaries in host memory | {:>8.2} MiB |",
-            mib(self.host_bytes)
+            "| boundaries in host memory | {:>12} |",
+            human(self.host_bytes)
         )?;
         writeln!(
             f,
-            "| boundaries on disk        | {:>8.2} MiB |",
-            mib(self.disk_bytes)
+            "| boundaries on disk        | {:>12} |",
+            human(self.disk_bytes)
         )?;
         writeln!(
             f,
-            "| peak boundaries on device | {:>8.2} MiB |",
-            mib(self.peak_device_bytes)
+            "| peak boundaries on device | {:>12} |",
+            human(self.peak_device_bytes)
         )?;
         writeln!(
             f,
@@ -94,5 +106,19 @@ impl fmt::Display for Stats {
             "| prefetch waits            | {:>12} |",
             self.prefetch_waits
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human;
+
+    #[test]
+    fn human_picks_the_largest_unit() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1536), "1.50 KiB");
+        assert_eq!(human(5 << 20), "5.00 MiB");
+        assert_eq!(human(3 << 30), "3.00 GiB");
     }
 }

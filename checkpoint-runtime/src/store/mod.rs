@@ -11,6 +11,8 @@ mod file;
 #[cfg(feature = "cuda")]
 mod pinned;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -23,6 +25,8 @@ use crate::policy::Placement;
 #[derive(Debug)]
 pub(crate) struct Stores {
     pub(crate) disk: DiskStore,
+    /// Bytes of boundaries on the compute device now.
+    resident: Arc<AtomicU64>,
     #[cfg(feature = "cuda")]
     pinned: pinned::PinnedStore,
 }
@@ -31,9 +35,40 @@ impl Stores {
     pub(crate) fn new(disk: DiskConfig) -> Self {
         Self {
             disk: DiskStore::new(disk),
+            resident: Arc::default(),
             #[cfg(feature = "cuda")]
             pinned: pinned::PinnedStore::default(),
         }
+    }
+
+    /// Bytes of boundaries on the compute device now.
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
+    }
+}
+
+/// A boundary kept on the compute device, counted as resident for as long as it lives.
+pub(crate) struct Resident {
+    tensor: Tensor,
+    bytes: u64,
+    counter: Arc<AtomicU64>,
+}
+
+impl Resident {
+    fn new(tensor: Tensor, counter: &Arc<AtomicU64>) -> Self {
+        let bytes = tensor_bytes(&tensor);
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        Self {
+            tensor,
+            bytes,
+            counter: Arc::clone(counter),
+        }
+    }
+}
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -48,7 +83,7 @@ pub(crate) enum Saved {
 /// A kept segment input, wherever it lives.
 pub(crate) enum Boundary {
     /// On the compute device.
-    Device(Tensor),
+    Device(Resident),
     /// In host memory, to be copied back to `device` (on a CPU device: the tensor itself).
     Host { tensor: Tensor, device: Device },
     /// In a pinned host buffer of a CUDA device.
@@ -78,7 +113,9 @@ impl Boundary {
         layer: &str,
     ) -> Result<Self> {
         Ok(match placement {
-            Placement::Graph | Placement::Device => Boundary::Device(hidden.clone()),
+            Placement::Graph | Placement::Device => {
+                Boundary::Device(Resident::new(hidden.clone(), &stores.resident))
+            }
             #[cfg(feature = "cuda")]
             Placement::Host if hidden.device().is_cuda() => Boundary::Pinned {
                 boundary: stores.pinned.store(hidden)?,
@@ -104,7 +141,8 @@ impl Boundary {
     /// Bytes the boundary occupies where it lives.
     pub(crate) fn bytes(&self) -> u64 {
         match self {
-            Boundary::Device(t) | Boundary::Host { tensor: t, .. } => tensor_bytes(t),
+            Boundary::Device(r) => r.bytes,
+            Boundary::Host { tensor, .. } => tensor_bytes(tensor),
             Boundary::Disk(d) => d.bytes,
             #[cfg(feature = "cuda")]
             Boundary::Pinned { bytes, .. } => *bytes,
@@ -115,8 +153,8 @@ impl Boundary {
     pub(crate) fn fetch(self, prefetch: Option<&Prefetcher>, layer: &str) -> Result<Fetched> {
         let started = Instant::now();
         match self {
-            Boundary::Device(tensor) => Ok(Fetched {
-                tensor,
+            Boundary::Device(resident) => Ok(Fetched {
+                tensor: resident.tensor.clone(),
                 transfer: std::time::Duration::ZERO,
                 waited: None,
             }),
