@@ -163,12 +163,11 @@ fn a_full_disk_is_named_and_leaves_nothing_behind() -> Result<()> {
     // 6 boundaries of 4×1024 f32 = 16 KiB each: the disk fills at the fourth.
     let (layers, x) = stack(6, 1024)?;
     let ckpt = engine(&scratch.0);
-    let result = ckpt
-        .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
-        .and_then(|y| {
-            let loss = y.sum_all()?;
-            ckpt.backward(&loss)
-        });
+    // The writer fails in the background; the step reports it by the backward at the latest.
+    let result = match ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ()))) {
+        Ok(y) => ckpt.backward(&y.sum_all()?).map(|_| ()),
+        Err(err) => Err(err),
+    };
     let err = result.expect_err("a full disk must fail the step");
     let msg = err.to_string();
     assert!(matches!(err, Error::Disk { .. }), "{err:?}");
