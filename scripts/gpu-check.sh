@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the Qwen2 example, for a CUDA machine with nvcc and no network, in one call of
-# at most 8 minutes: build with --features cuda, run `verify` on the fixture for every mode,
-# a short training run per mode, and print a table.
+# at most 8 minutes: build with --features cuda, run `verify` on the fixture for every mode
+# (none, recompute, offload-host, offload-disk) and for a memory budget, a short training run
+# per mode, and print a table with the engine's boundary bytes and transfer time per mode.
 #
 # Crates must travel with the tree. On a machine with network, from the repository root:
 #
@@ -65,16 +66,28 @@ build_s=$(( $(date +%s) - t0 ))
 bin=target/release/qwen2
 fixture=tests/fixtures/qwen2-tiny
 
-# outcome RC OUTPUT OK_TEXT: OK_TEXT, "not implemented", or FAIL with the error's start.
+# outcome RC OUTPUT OK_TEXT: OK_TEXT, or FAIL with the error's start.
 outcome() {
     if [ "$1" = 0 ]; then echo "$3"
-    elif printf '%s\n' "$2" | grep -q 'not implemented'; then echo "not implemented yet"
     else echo "FAIL (rc $1): $(printf '%s\n' "$2" | grep '^error' | head -n 1 | cut -c8-60)"; fi
+}
+
+# stat OUTPUT LABEL: the value of one row of the engine's Stats table ("| LABEL | VALUE |").
+stat() {
+    printf '%s\n' "$1" | sed -n "s/^| $2 *| *\([^|]*[^ |]\) *|\$/\1/p" | tail -n 1
+}
+
+# Boundaries per location, as the Stats table printed by `train` reports them.
+where() {
+    local d h k
+    d=$(stat "$1" 'boundaries on device'); h=$(stat "$1" 'boundaries in host memory')
+    k=$(stat "$1" 'boundaries on disk')
+    [ -n "$d" ] && echo "$d / $h / $k, xfer $(stat "$1" 'transfer time')"
 }
 
 declare -a rows
 for mode in none recompute offload-host offload-disk; do
-    if [ "$(left)" -lt 20 ]; then rows+=("$mode|skipped (time)|||||"); continue; fi
+    if [ "$(left)" -lt 20 ]; then rows+=("$mode|skipped (time)||||||"); continue; fi
     v=$(timeout 60 "$bin" verify --model "$fixture" --reference "$fixture/reference.safetensors" \
         --checkpoint "$mode" 2>&1)
     vrc=$?
@@ -87,15 +100,27 @@ for mode in none recompute offload-host offload-disk; do
     mem=$(printf '%s\n' "$tr" | sed -n 's/.*GPU in use \(.*\)$/\1/p')
     [ -n "$mem" ] || mem=$(printf '%s\n' "$tr" | sed -n 's/^peak memory: host RSS \([^,]*\).*/\1 (RSS)/p')
     [ $trc = 0 ] || loss=$(outcome $trc "$tr" "")
-    rows+=("$mode|$verdict|$worst|$loss|$tps|$mem")
+    rows+=("$mode|$verdict|$worst|$loss|$tps|$mem|$(where "$tr")")
     printf '%s\n' "-- $mode" "$v" | tail -n 3
-    printf '%s\n' "$tr" | tail -n 6
+    printf '%s\n' "$tr" | tail -n 18
 done
+
+# A memory budget of 0 MiB in offload-disk mode: every boundary on disk, chosen by the planner.
+if [ "$(left)" -ge 20 ]; then
+    v=$(timeout 60 "$bin" verify --model "$fixture" --reference "$fixture/reference.safetensors" \
+        --checkpoint offload-disk --budget-mib 0 2>&1)
+    vrc=$?
+    worst=$(printf '%s\n' "$v" | sed -n 's/^worst: \([^(]*\).*/\1/p')
+    rows+=("disk, budget 0|$(outcome $vrc "$v" pass)|$worst|(verify only)|||")
+    printf '%s\n' "-- offload-disk --budget-mib 0" "$v" | grep -A8 '^budget plan' | head -n 10
+fi
 
 echo
 echo "== summary (build ${build_s} s, total $(( $(date +%s) - start )) s, ${features:-cpu} build, $steps training steps per mode)"
-printf '%-13s | %-20s | %-30s | %-19s | %-6s | %s\n' mode verify "rel. err logits / loss / grad" "train loss" "tok/s" "peak memory"
+printf '%-14s | %-20s | %-30s | %-19s | %-6s | %-16s | %s\n' mode verify \
+    "rel. err logits / loss / grad" "train loss" "tok/s" "peak memory" \
+    "boundaries dev/host/disk, transfer"
 for r in "${rows[@]}"; do
-    IFS='|' read -r m v w l t g <<< "$r"
-    printf '%-13s | %-20s | %-30s | %-19s | %-6s | %s\n' "$m" "$v" "$w" "$l" "$t" "$g"
+    IFS='|' read -r m v w l t g b <<< "$r"
+    printf '%-14s | %-20s | %-30s | %-19s | %-6s | %-16s | %s\n' "$m" "$v" "$w" "$l" "$t" "$g" "$b"
 done

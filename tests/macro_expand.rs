@@ -14,7 +14,7 @@ use std::path::Path;
 mod imp;
 
 /// The snapshot's input compiles with the real macro.
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod input {
     include!("snapshots/expand_input.rs");
 }

@@ -171,7 +171,11 @@ fn stats_count_boundaries_by_location() -> Result<()> {
         println!("{mode}:\n{stats}");
         assert_eq!((stats.stacks, stats.segments), (1, 6), "{mode}");
         // keep_last(2): the last two boundaries stay on the device in every mode.
-        let (device, elsewhere) = if mode == Mode::Recompute { (6, 0) } else { (2, 4) };
+        let (device, elsewhere) = if mode == Mode::Recompute {
+            (6, 0)
+        } else {
+            (2, 4)
+        };
         assert_eq!(stats.device_bytes, device * boundary, "{mode}");
         assert_eq!(stats.peak_device_bytes, device * boundary, "{mode}");
         let offloaded = match mode {
@@ -181,9 +185,17 @@ fn stats_count_boundaries_by_location() -> Result<()> {
         };
         assert_eq!(offloaded, elsewhere * boundary, "{mode}");
         let disk_fetches = if mode == Mode::OffloadDisk { 4 } else { 0 };
-        assert_eq!(stats.prefetch_hits + stats.prefetch_waits, disk_fetches, "{mode}");
+        assert_eq!(
+            stats.prefetch_hits + stats.prefetch_waits,
+            disk_fetches,
+            "{mode}"
+        );
         assert!(stats.recompute > std::time::Duration::ZERO, "{mode}");
-        assert_eq!(ckpt.take_stats(), checkpoint_runtime::Stats::default(), "taken");
+        assert_eq!(
+            ckpt.take_stats(),
+            checkpoint_runtime::Stats::default(),
+            "taken"
+        );
     }
     Ok(())
 }

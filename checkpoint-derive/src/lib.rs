@@ -1,9 +1,12 @@
-//! The `#[checkpointable]` attribute. Use it through `checkpoint-runtime`, which re-exports it.
+//! The `#[checkpointable]` attribute. Use it through `checkpoint-runtime`, which re-exports it
+//! (generated code names `::checkpoint_runtime::__private`).
 
 use proc_macro::TokenStream;
 
-/// Marks a layer (struct and impl) or a model forward for gradient checkpointing.
+mod imp;
+
+#[doc = include_str!("../doc/checkpointable.md")]
 #[proc_macro_attribute]
-pub fn checkpointable(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn checkpointable(args: TokenStream, item: TokenStream) -> TokenStream {
+    imp::checkpointable(args.into(), item.into()).into()
 }

@@ -1,13 +1,15 @@
 //! The decoder layer: pre-norm attention and MLP, each with a residual connection.
 //!
-//! The layer's `forward` is what `#[checkpointable]` will annotate: the first argument after
-//! `&self` is the carry (the hidden states), the rest are keyword arguments. Until the macro
-//! lands, the keyword record and the `Layer` implementation it will generate are written by hand
-//! at the end of this file; switching to the macro deletes them and adds the two attributes.
+//! `#[checkpointable]` on the struct and on its impl makes `forward` checkpointable: the first
+//! argument after `&self` is the carry (the hidden states), the rest are keyword arguments. The
+//! macro generates the keyword records [`DecoderLayerKwargs`] (borrowed, by name) and
+//! [`DecoderLayerKwargsOwned`] (what the engine keeps until backward re-runs the layer), the
+//! runtime's [`Layer`](checkpoint_runtime::Layer) implementation, and the curried
+//! (`layer.partial(mask, &rope)`) and kwargs-bound (`layer.call_kw(&xs, ..)`) forms.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use checkpoint_runtime::{Kwargs, Layer};
+use checkpoint_runtime::checkpointable;
 
 use crate::attention::Attention;
 use crate::config::Config;
@@ -16,6 +18,7 @@ use crate::nn::RmsNorm;
 use crate::rope::Rope;
 
 /// Qwen2DecoderLayer, `model.layers.N`.
+#[checkpointable]
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     self_attn: Attention,
@@ -24,6 +27,7 @@ pub struct DecoderLayer {
     post_attention_layernorm: RmsNorm,
 }
 
+#[checkpointable]
 impl DecoderLayer {
     /// `vb.{self_attn, mlp, input_layernorm, post_attention_layernorm}`.
     ///
@@ -58,25 +62,5 @@ impl DecoderLayer {
         let hidden = (hidden + self.self_attn.forward(&normed, attention_mask, rope)?)?;
         let normed = self.post_attention_layernorm.forward(&hidden)?;
         &hidden + self.mlp.forward(&normed)? // (b, t, hidden)
-    }
-}
-
-// ---- What `#[checkpointable]` generates for `forward`, written by hand until it lands. ----
-
-/// The keyword arguments of [`DecoderLayer::forward`], owned so that the engine can keep them
-/// until backward re-runs the layer.
-#[derive(Debug, Clone)]
-pub struct DecoderLayerKwargs {
-    /// The additive mask, `(b, 1, t, t)` f32.
-    pub attention_mask: Option<Tensor>,
-    /// The rotary tables.
-    pub rope: Rope,
-}
-
-impl Kwargs for DecoderLayerKwargs {}
-
-impl Layer<DecoderLayerKwargs> for DecoderLayer {
-    fn forward_checkpointed(&self, carry: &Tensor, kwargs: &DecoderLayerKwargs) -> Result<Tensor> {
-        self.forward(carry, kwargs.attention_mask.as_ref(), &kwargs.rope)
     }
 }

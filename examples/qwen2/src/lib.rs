@@ -38,5 +38,5 @@ pub mod verify;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use layer::{DecoderLayer, DecoderLayerKwargs};
+pub use layer::{DecoderLayer, DecoderLayerKwargs, DecoderLayerKwargsOwned};
 pub use model::Qwen2;

@@ -3,6 +3,8 @@
 //! ```text
 //! qwen2 train                                   # small random-init model on the bundled text
 //! qwen2 train --model DIR --checkpoint recompute
+//! qwen2 train --checkpoint offload-disk --offload-dir DIR --prefetch 2 --keep-last 1
+//! qwen2 train --checkpoint offload-host --budget-mib 64  # per-layer plan, printed once
 //! qwen2 verify --model DIR --reference FILE [--checkpoint MODE]
 //! ```
 
@@ -11,11 +13,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use checkpoint_runtime::{Checkpointer, Mode};
+use checkpoint_runtime::{DiskConfig, Mode};
 use clap::{Args, Parser, Subcommand};
 
 use qwen2::data::{BUNDLED_TEXT, ByteDataset};
-use qwen2::train::{TrainConfig, policy};
+use qwen2::train::{CheckpointOptions, TrainConfig};
 use qwen2::{Config, Error, Result, loader};
 
 #[derive(Debug, Parser)]
@@ -45,6 +47,45 @@ struct PolicyArgs {
     /// Checkpoint only the first N layers; the rest keep their graph.
     #[arg(long)]
     first: Option<usize>,
+    /// Offload modes: keep the boundaries of the last N segments on the device (backward needs
+    /// them first).
+    #[arg(long, default_value_t = 0)]
+    keep_last: usize,
+    /// Memory budget (MiB) for what the layer stack keeps between forward and backward: the
+    /// engine measures each layer on the first step and keeps, recomputes or offloads (within
+    /// the mode) per layer; prints its plan. Replaces --segment, --first and --keep-last.
+    #[arg(long, value_name = "MIB")]
+    budget_mib: Option<u64>,
+    /// offload-disk: the directory under which the engine creates its private (0700) directory
+    /// [default: the system temp dir].
+    #[arg(long, value_name = "DIR")]
+    offload_dir: Option<PathBuf>,
+    /// offload-disk: boundaries read ahead of the backward pass.
+    #[arg(long, default_value_t = DiskConfig::default().prefetch)]
+    prefetch: usize,
+}
+
+impl PolicyArgs {
+    fn options(&self) -> Result<CheckpointOptions> {
+        let budget = self
+            .budget_mib
+            .map(|mib| {
+                mib.checked_mul(1 << 20)
+                    .ok_or_else(|| Error::Data(format!("--budget-mib {mib}: too large")))
+            })
+            .transpose()?;
+        let options = CheckpointOptions {
+            mode: self.checkpoint,
+            segment: self.segment,
+            first: self.first,
+            keep_last: self.keep_last,
+            budget,
+            offload_dir: self.offload_dir.clone(),
+            prefetch: self.prefetch,
+        };
+        options.policy()?; // reject options that do not apply before loading anything
+        Ok(options)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -139,8 +180,7 @@ fn parse_dtype(arg: Option<&str>, device: &Device) -> Result<DType> {
 }
 
 fn run_train(args: &TrainArgs) -> Result<()> {
-    let p = &args.policy;
-    let policy = policy(p.checkpoint, p.segment, p.first)?;
+    let options = args.policy.options()?;
     let device = device()?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
     let loaded = match &args.model {
@@ -171,13 +211,12 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         if device.is_cuda() { "cuda:0" } else { "cpu" },
     );
     eprintln!(
-        "data: {} examples of at most {} bytes; batch {}, {} steps, lr {:.1e}; checkpoint {}",
+        "data: {} examples of at most {} bytes; batch {}, {} steps, lr {:.1e}; checkpoint {options}",
         data.len(),
         args.seq_len,
         args.batch,
         args.steps,
         args.lr,
-        p.checkpoint
     );
     let train_cfg = TrainConfig {
         steps: args.steps,
@@ -188,7 +227,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         weight_decay: args.weight_decay,
         ..TrainConfig::default()
     };
-    let ckpt = Checkpointer::new(policy);
+    let ckpt = options.checkpointer()?;
     let started = Instant::now();
     let summary = qwen2::train::train(
         &loaded.model,
@@ -204,10 +243,15 @@ fn run_train(args: &TrainArgs) -> Result<()> {
 }
 
 fn run_verify(args: &VerifyArgs) -> Result<()> {
-    let p = &args.policy;
-    let policy = policy(p.checkpoint, p.segment, p.first)?;
+    let options = args.policy.options()?;
     let device = device()?;
-    let report = qwen2::verify::verify(&args.model, &args.reference, policy, &device)?;
+    let ckpt = options.checkpointer()?;
+    let report = qwen2::verify::verify(&args.model, &args.reference, &ckpt, &device)?;
+    println!("checkpoint {options}");
+    for plan in ckpt.budget_plans() {
+        println!("budget plan (measured on this step):\n{plan}");
+    }
+    println!("{}", ckpt.take_stats());
     print!("{report}");
     let err = |name: &str| {
         report

@@ -3,11 +3,11 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
-use checkpoint_runtime::Checkpointer;
+use checkpoint_runtime::{Checkpointer, checkpointable};
 
 use crate::attention::additive_mask;
 use crate::config::Config;
-use crate::layer::{DecoderLayer, DecoderLayerKwargs};
+use crate::layer::DecoderLayer;
 use crate::nn::{RmsNorm, linear};
 use crate::rope::Rope;
 
@@ -72,11 +72,13 @@ impl Qwen2 {
     /// `(b, t)` (1 = token, 0 = right padding; `None` = no padding).
     ///
     /// `ckpt`: `None` runs the layers as plain calls; `Some` runs the whole stack through the
-    /// engine as one `run_stack`, and the gradients must then come from
+    /// engine as one `run_stack` (the `#[checkpoint]` loop below, rewritten by
+    /// `#[checkpointable(engine = ckpt)]`), and the gradients must then come from
     /// [`Checkpointer::backward`].
     ///
     /// # Errors
     /// On a shape mismatch, or an engine error naming the layer.
+    #[checkpointable(engine = ckpt)]
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -89,22 +91,9 @@ impl Qwen2 {
         let dtype = xs.dtype();
         let rope = Rope::new(&self.cfg, t, dtype, device)?;
         let mask = additive_mask(attention_mask, b, t, device)?; // (b, 1, t, t) f32
-        match ckpt {
-            None => {
-                for layer in &self.layers {
-                    xs = layer.forward(&xs, Some(&mask), &rope)?;
-                }
-            }
-            Some(ckpt) => {
-                let calls = self.layers.iter().map(|layer| {
-                    let kwargs = DecoderLayerKwargs {
-                        attention_mask: Some(mask.clone()),
-                        rope: rope.clone(),
-                    };
-                    (layer, kwargs)
-                });
-                xs = ckpt.run_stack(&xs, calls)?;
-            }
+        #[checkpoint] // the whole loop: ONE engine stack (the plain calls when `ckpt` is None)
+        for layer in &self.layers {
+            xs = layer.forward(&xs, Some(&mask), &rope)?;
         }
         let xs = self.norm.forward(&xs)?; // (b, t, hidden)
         self.lm_head.forward(&xs) // (b, t, vocab)

@@ -3,36 +3,166 @@
 //! checkpointing engine, and a progress line with loss, tokens/s and memory.
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use checkpoint_runtime::{Checkpointer, Mode, Policy};
+use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Policy, Stats};
 
 use crate::data::ByteDataset;
 use crate::error::{Error, Result};
 use crate::loss::causal_lm_loss;
 use crate::model::Qwen2;
 
-/// The checkpointing policy for a mode and the CLI's policy options.
-///
-/// # Errors
-/// For the offload modes, which the engine does not implement yet: a clear error rather than a
-/// silent fallback to another mode.
-pub fn policy(mode: Mode, segment: usize, first: Option<usize>) -> Result<Policy> {
-    if matches!(mode, Mode::OffloadHost | Mode::OffloadDisk) {
-        return Err(Error::Data(format!(
-            "--checkpoint {mode}: offloading is not implemented by checkpoint-runtime yet (it \
-             arrives with the offload issue); use --checkpoint recompute (boundaries on the \
-             device) or none"
-        )));
+/// How the layers are checkpointed: the CLI's `--checkpoint` and policy options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    /// none | recompute | offload-host | offload-disk.
+    pub mode: Mode,
+    /// Layers per checkpointed segment (only each segment's input is kept).
+    pub segment: usize,
+    /// Checkpoint only the first N layers; the rest keep their graph.
+    pub first: Option<usize>,
+    /// Keep the boundaries of the last N segments on the device (offload modes).
+    pub keep_last: usize,
+    /// Fit the bytes the stack keeps between forward and backward into this budget: the engine
+    /// measures every layer on the first step and chooses graph, recompute or offload per layer.
+    pub budget: Option<u64>,
+    /// Where the disk engine creates its private directory (default: the system temp dir).
+    pub offload_dir: Option<PathBuf>,
+    /// Disk boundaries loaded ahead of the backward pass.
+    pub prefetch: usize,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        Self::new(Mode::Recompute)
     }
-    let mut policy = Policy::new(mode).segments(segment);
-    if let Some(n) = first {
-        policy = policy.first(n);
+}
+
+impl CheckpointOptions {
+    /// Every layer in `mode`, one layer per segment, the engine's default disk settings.
+    #[must_use]
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            segment: 1,
+            first: None,
+            keep_last: 0,
+            budget: None,
+            offload_dir: None,
+            prefetch: DiskConfig::default().prefetch,
+        }
     }
-    Ok(policy)
+
+    /// The engine's policy.
+    ///
+    /// # Errors
+    /// For options that do not apply to the mode (a budget without checkpointing, keep-last
+    /// without offload, disk settings without disk offload) or that a budget replaces: a clear
+    /// error rather than a silently ignored option.
+    pub fn policy(&self) -> Result<Policy> {
+        let mode = self.mode;
+        let offload = matches!(mode, Mode::OffloadHost | Mode::OffloadDisk);
+        let refuse =
+            |what: &str, why: &str| Err(Error::Data(format!("--checkpoint {mode} {what}: {why}")));
+        if self.budget.is_some() {
+            if mode == Mode::None {
+                return refuse(
+                    "--budget-mib",
+                    "a memory budget needs a checkpointing mode (recompute, offload-host or \
+                     offload-disk); none keeps every graph",
+                );
+            }
+            if self.segment != 1 || self.first.is_some() || self.keep_last != 0 {
+                return refuse(
+                    "--budget-mib",
+                    "the budget planner chooses every layer's placement itself; drop --segment, \
+                     --first and --keep-last, or drop --budget-mib",
+                );
+            }
+        }
+        if self.keep_last != 0 && !offload {
+            return refuse(
+                "--keep-last",
+                "keeping the last boundaries on the device only means something when the mode \
+                 offloads (offload-host, offload-disk)",
+            );
+        }
+        if mode != Mode::OffloadDisk
+            && (self.offload_dir.is_some() || self.prefetch != DiskConfig::default().prefetch)
+        {
+            return refuse(
+                "--offload-dir/--prefetch",
+                "they configure disk offload; use --checkpoint offload-disk (or a budget in \
+                 that mode)",
+            );
+        }
+        let mut policy = Policy::new(mode).segments(self.segment);
+        if let Some(n) = self.first {
+            policy = policy.first(n);
+        }
+        if self.keep_last != 0 {
+            policy = policy.keep_last(self.keep_last);
+        }
+        if let Some(bytes) = self.budget {
+            policy = policy.budget(bytes);
+        }
+        Ok(policy)
+    }
+
+    /// The engine: [`policy`](Self::policy), with the disk settings for `offload-disk`.
+    ///
+    /// # Errors
+    /// See [`policy`](Self::policy).
+    pub fn checkpointer(&self) -> Result<Checkpointer> {
+        let policy = self.policy()?;
+        Ok(if self.mode == Mode::OffloadDisk {
+            let defaults = DiskConfig::default();
+            Checkpointer::with_disk(
+                policy,
+                DiskConfig {
+                    root: self.offload_dir.clone().unwrap_or(defaults.root),
+                    prefetch: self.prefetch,
+                    ..defaults
+                },
+            )
+        } else {
+            Checkpointer::new(policy)
+        })
+    }
+}
+
+impl std::fmt::Display for CheckpointOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.mode)?;
+        if self.mode == Mode::None {
+            return Ok(());
+        }
+        if let Some(bytes) = self.budget {
+            write!(f, ", budget {}", fmt_bytes(Some(bytes)))?;
+        } else {
+            write!(f, ", segments of {}", self.segment)?;
+            if let Some(n) = self.first {
+                write!(f, ", first {n} layers")?;
+            }
+            if self.keep_last != 0 {
+                write!(f, ", last {} kept on the device", self.keep_last)?;
+            }
+        }
+        if self.mode == Mode::OffloadDisk {
+            let root = self.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+            write!(
+                f,
+                ", disk under {}, prefetch {}",
+                root.display(),
+                self.prefetch
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Hyper-parameters of a run.
@@ -99,8 +229,9 @@ pub struct Summary {
     pub peak_rss: Option<u64>,
     /// Peak GPU memory in use (device-wide, sampled after each step), on CUDA.
     pub peak_gpu: Option<u64>,
-    /// Time the engine spent recomputing layers.
-    pub recompute: Duration,
+    /// What the engine did over the run: boundary bytes per location (of the largest step),
+    /// peak, and recompute time, transfer time and prefetch hits and waits summed over steps.
+    pub stats: Stats,
 }
 
 impl Summary {
@@ -138,12 +269,14 @@ impl std::fmt::Display for Summary {
             write!(f, ", GPU in use {}", fmt_bytes(self.peak_gpu))?;
         }
         writeln!(f)?;
-        write!(
+        writeln!(
             f,
-            "checkpoint mode: {} (recompute time {:.2} s)",
+            "checkpoint mode: {} (engine stats: boundary bytes of the largest step; times and \
+             counts over all {} steps)",
             self.mode,
-            self.recompute.as_secs_f64()
-        )
+            self.losses.len()
+        )?;
+        write!(f, "{}", self.stats)
     }
 }
 
@@ -182,7 +315,7 @@ pub fn train(
     let mut tokens = 0;
     let started = Instant::now();
     let _ = ckpt.take_stats();
-    let mut recompute = Duration::ZERO;
+    let mut stats = Stats::default();
     let mut peak_gpu = None;
     for step in 0..cfg.steps {
         let lr = cfg.lr_at(step);
@@ -216,7 +349,10 @@ pub fn train(
         drop(grads);
         tokens += batch.tokens;
         losses.push(loss);
-        recompute += ckpt.take_stats().recompute;
+        accumulate(&mut stats, &ckpt.take_stats());
+        if step == 0 {
+            print_budget_plans(ckpt, &progress);
+        }
         let gpu = gpu_used_bytes(device);
         peak_gpu = peak_gpu.max(gpu);
         #[allow(clippy::cast_precision_loss)]
@@ -231,8 +367,35 @@ pub fn train(
         elapsed: started.elapsed(),
         peak_rss: peak_rss_bytes(),
         peak_gpu,
-        recompute,
+        stats,
     })
+}
+
+/// Adds one step's engine statistics to the run's: bytes per location and the peak as the
+/// largest step's, times and counts summed.
+pub fn accumulate(total: &mut Stats, step: &Stats) {
+    total.stacks += step.stacks;
+    total.segments += step.segments;
+    total.device_bytes = total.device_bytes.max(step.device_bytes);
+    total.host_bytes = total.host_bytes.max(step.host_bytes);
+    total.disk_bytes = total.disk_bytes.max(step.disk_bytes);
+    total.peak_device_bytes = total.peak_device_bytes.max(step.peak_device_bytes);
+    total.recompute += step.recompute;
+    total.transfer += step.transfer;
+    total.prefetch_hits += step.prefetch_hits;
+    total.prefetch_waits += step.prefetch_waits;
+}
+
+/// Prints the plans a budget policy made on its probe step (nothing without a budget).
+fn print_budget_plans(ckpt: &Checkpointer, progress: &Progress) {
+    let plans = ckpt.budget_plans();
+    if plans.is_empty() {
+        return;
+    }
+    progress.clear_line();
+    for plan in plans {
+        eprintln!("budget plan (measured on the first step):\n{plan}");
+    }
 }
 
 /// Scales the gradients of `params` so that their global L2 norm is at most `max_norm`
@@ -355,6 +518,13 @@ impl Progress {
             writeln!(err, "{line}")
         };
         let _ = err.flush();
+    }
+
+    /// Clears the progress line on a terminal so that other output starts on a clean line.
+    fn clear_line(&self) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
     }
 
     fn finish(&self) {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use checkpoint_runtime::{Checkpointer, Mode, Policy};
+use checkpoint_runtime::{Checkpointer, Mode};
 
 use crate::error::{Error, Result};
 use crate::loader;
@@ -103,7 +103,8 @@ impl std::fmt::Display for Report {
 }
 
 /// Loads the checkpoint in `model_dir` in f32 on `device`, runs the reference batch through it
-/// with `policy`, and compares.
+/// with the engine `ckpt` (any mode and policy: a budget policy probes on this, its first step),
+/// and compares.
 ///
 /// # Errors
 /// Loader errors, a reference file lacking a tensor, a gradient the reference has for a
@@ -111,7 +112,7 @@ impl std::fmt::Display for Report {
 pub fn verify(
     model_dir: &Path,
     reference: &Path,
-    policy: Policy,
+    ckpt: &Checkpointer,
     device: &Device,
 ) -> Result<Report> {
     let loaded = loader::load(model_dir, DType::F32, device)?;
@@ -134,10 +135,9 @@ pub fn verify(
     let attention_mask = get("attention_mask")?;
     let labels = get("labels")?;
 
-    let ckpt = Checkpointer::new(policy);
     let logits = loaded
         .model
-        .forward(&input_ids, Some(attention_mask), Some(&ckpt))?;
+        .forward(&input_ids, Some(attention_mask), Some(ckpt))?;
     let loss = causal_lm_loss(&logits, labels)?;
     let grads = ckpt.backward(&loss)?;
 

@@ -1,0 +1,546 @@
+//! Call-site rewriting: statements marked `#[checkpoint]` inside a function (or the methods of
+//! an impl) annotated with `#[checkpointable(engine = EXPR)]` run their layer invocations
+//! through the engine. A loop becomes ONE `run_stack` over all its layers; a single invocation
+//! is a stack of one. With no engine active (`None`), the original statement runs unchanged.
+
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::visit_mut::{self, VisitMut};
+use syn::{
+    Attribute, Block, Expr, ExprForLoop, ExprMethodCall, Ident, ImplItem, ItemImpl, Local,
+    LocalInit, Pat, Stmt,
+};
+
+use super::expand::hidden_twin;
+use super::{Errors, token_string};
+
+const SHAPES: &str = "`#[checkpoint]` supports these statements:\n\
+    - `for PAT in ITER { CARRY = INVOCATION?; }` (optionally with `let` statements before the \
+      assignment): the whole loop runs as one stack,\n\
+    - `let PAT = ITER.try_fold(INIT, |ACC, ITEM| INVOCATION)?;`: likewise,\n\
+    - `let PAT = INVOCATION?;`: a stack of one,\n\
+    where INVOCATION is `layer.forward(&xs, ..)`, `Layer::forward(layer, &xs, ..)`, \
+    `layer.call_kw(&xs, LayerKwargs { .. })` or `partial.call(&xs)`";
+
+/// Rewrites the marked statements of every method of `item`; returns how many there were.
+pub(crate) fn impl_block(item: &mut ItemImpl, engine: Option<&Expr>, errors: &mut Errors) -> usize {
+    let mut count = 0;
+    for it in &mut item.items {
+        if let ImplItem::Fn(f) = it {
+            count += block(&mut f.block, engine, errors);
+        }
+    }
+    count
+}
+
+/// Rewrites the marked statements of `body`; returns how many there were.
+pub(crate) fn block(body: &mut Block, engine: Option<&Expr>, errors: &mut Errors) -> usize {
+    let mut rewriter = Rewriter {
+        engine,
+        errors,
+        count: 0,
+    };
+    rewriter.visit_block_mut(body);
+    rewriter.count
+}
+
+struct Rewriter<'a> {
+    engine: Option<&'a Expr>,
+    errors: &'a mut Errors,
+    count: usize,
+}
+
+impl VisitMut for Rewriter<'_> {
+    fn visit_block_mut(&mut self, block: &mut Block) {
+        let stmts = std::mem::take(&mut block.stmts);
+        for mut stmt in stmts {
+            let Some(marker) = take_marker(&mut stmt) else {
+                visit_mut::visit_stmt_mut(self, &mut stmt);
+                block.stmts.push(stmt);
+                continue;
+            };
+            self.count += 1;
+            let Some(engine) = self.engine else {
+                self.errors.push(syn::Error::new_spanned(
+                    marker,
+                    "`#[checkpoint]` needs an engine to run through: annotate the enclosing \
+                     function (or impl) with `#[checkpointable(engine = ckpt)]`, where `ckpt` is \
+                     a `Checkpointer`, a reference to one or an `Option` of either",
+                ));
+                block.stmts.push(stmt);
+                continue;
+            };
+            match statement(&stmt, engine) {
+                Ok(new) => block.stmts.push(new),
+                Err(err) => {
+                    self.errors.push(err);
+                    // Keep the statement, and keep the engine used: one mistake, one error.
+                    block.stmts.push(syn::parse_quote!(let _ = &(#engine);));
+                    block.stmts.push(stmt);
+                }
+            }
+        }
+    }
+
+    // Nested items are not part of this function.
+    fn visit_item_mut(&mut self, _: &mut syn::Item) {}
+}
+
+fn is_marker(attr: &Attribute) -> bool {
+    attr.path().is_ident("checkpoint")
+}
+
+/// Removes `#[checkpoint]` from the statement's attributes, returning it.
+fn take_marker(stmt: &mut Stmt) -> Option<Attribute> {
+    let attrs = match stmt {
+        Stmt::Local(local) => &mut local.attrs,
+        Stmt::Item(_) => return None,
+        Stmt::Macro(m) => &mut m.attrs,
+        Stmt::Expr(expr, _) => expr_attrs(expr)?,
+    };
+    let pos = attrs.iter().position(is_marker)?;
+    Some(attrs.remove(pos))
+}
+
+fn expr_attrs(expr: &mut Expr) -> Option<&mut Vec<Attribute>> {
+    Some(match expr {
+        Expr::Array(e) => &mut e.attrs,
+        Expr::Assign(e) => &mut e.attrs,
+        Expr::Async(e) => &mut e.attrs,
+        Expr::Await(e) => &mut e.attrs,
+        Expr::Binary(e) => &mut e.attrs,
+        Expr::Block(e) => &mut e.attrs,
+        Expr::Break(e) => &mut e.attrs,
+        Expr::Call(e) => &mut e.attrs,
+        Expr::Cast(e) => &mut e.attrs,
+        Expr::Closure(e) => &mut e.attrs,
+        Expr::Const(e) => &mut e.attrs,
+        Expr::Continue(e) => &mut e.attrs,
+        Expr::Field(e) => &mut e.attrs,
+        Expr::ForLoop(e) => &mut e.attrs,
+        Expr::Group(e) => &mut e.attrs,
+        Expr::If(e) => &mut e.attrs,
+        Expr::Index(e) => &mut e.attrs,
+        Expr::Infer(e) => &mut e.attrs,
+        Expr::Let(e) => &mut e.attrs,
+        Expr::Lit(e) => &mut e.attrs,
+        Expr::Loop(e) => &mut e.attrs,
+        Expr::Macro(e) => &mut e.attrs,
+        Expr::Match(e) => &mut e.attrs,
+        Expr::MethodCall(e) => &mut e.attrs,
+        Expr::Paren(e) => &mut e.attrs,
+        Expr::Path(e) => &mut e.attrs,
+        Expr::Range(e) => &mut e.attrs,
+        Expr::RawAddr(e) => &mut e.attrs,
+        Expr::Reference(e) => &mut e.attrs,
+        Expr::Repeat(e) => &mut e.attrs,
+        Expr::Return(e) => &mut e.attrs,
+        Expr::Struct(e) => &mut e.attrs,
+        Expr::Try(e) => &mut e.attrs,
+        Expr::TryBlock(e) => &mut e.attrs,
+        Expr::Tuple(e) => &mut e.attrs,
+        Expr::Unary(e) => &mut e.attrs,
+        Expr::Unsafe(e) => &mut e.attrs,
+        Expr::While(e) => &mut e.attrs,
+        Expr::Yield(e) => &mut e.attrs,
+        _ => return None,
+    })
+}
+
+fn unsupported(tokens: &dyn ToTokens, what: &str) -> syn::Error {
+    syn::Error::new_spanned(tokens, format!("{what}\n{SHAPES}"))
+}
+
+fn rt() -> TokenStream {
+    quote!(::checkpoint_runtime::__private)
+}
+
+/// `match engine(&(EXPR)) { None => PLAIN, Some(engine) => CHECKPOINTED }`.
+fn with_engine(engine: &Expr, plain: &TokenStream, checkpointed: &TokenStream) -> TokenStream {
+    let rt = rt();
+    let var = engine_var();
+    let lookup = quote_spanned!(engine.span()=> #rt::engine(&(#engine)));
+    quote! {
+        match #lookup {
+            ::core::option::Option::None => #plain,
+            ::core::option::Option::Some(#var) => #checkpointed,
+        }
+    }
+}
+
+fn engine_var() -> Ident {
+    Ident::new("__ckpt_engine", Span::mixed_site())
+}
+
+fn calls_var() -> Ident {
+    Ident::new("__ckpt_calls", Span::mixed_site())
+}
+
+fn statement(stmt: &Stmt, engine: &Expr) -> syn::Result<Stmt> {
+    match stmt {
+        Stmt::Expr(Expr::ForLoop(for_loop), _) => {
+            let tokens = for_loop_stmt(for_loop, engine)?;
+            syn::parse2(tokens)
+        }
+        Stmt::Local(Local {
+            init:
+                Some(LocalInit {
+                    diverge: Some((else_token, _)),
+                    ..
+                }),
+            ..
+        }) => Err(unsupported(
+            else_token,
+            "`let .. else` is not supported here.",
+        )),
+        Stmt::Local(
+            local @ Local {
+                init: Some(init), ..
+            },
+        ) => {
+            let mut local = local.clone();
+            let value = value(&init.expr, engine)?;
+            local.init = Some(LocalInit {
+                eq_token: init.eq_token,
+                expr: Box::new(syn::parse2(value)?),
+                diverge: None,
+            });
+            Ok(Stmt::Local(local))
+        }
+        Stmt::Expr(Expr::Assign(assign), semi) => {
+            let mut assign = assign.clone();
+            assign.right = Box::new(syn::parse2(value(&assign.right, engine)?)?);
+            Ok(Stmt::Expr(Expr::Assign(assign), *semi))
+        }
+        Stmt::Expr(expr @ (Expr::Try(_) | Expr::MethodCall(_) | Expr::Call(_)), semi) => {
+            Ok(Stmt::Expr(syn::parse2(value(expr, engine)?)?, *semi))
+        }
+        other => Err(unsupported(
+            other,
+            "`#[checkpoint]` cannot rewrite this statement.",
+        )),
+    }
+}
+
+/// A marked value: `INVOCATION`, `FOLD`, or either followed by `?`.
+fn value(expr: &Expr, engine: &Expr) -> syn::Result<TokenStream> {
+    if let Expr::Try(t) = expr {
+        let inner = value_inner(&t.expr, engine)?;
+        let q = &t.question_token;
+        return Ok(quote!((#inner) #q));
+    }
+    value_inner(expr, engine)
+}
+
+fn value_inner(expr: &Expr, engine: &Expr) -> syn::Result<TokenStream> {
+    let rt = rt();
+    let var = engine_var();
+    if let Expr::MethodCall(call) = strip_parens(expr)
+        && call.method == "try_fold"
+    {
+        return fold(call, engine);
+    }
+    let inv = invocation(expr)?;
+    let pair = &inv.pair;
+    let carry = inv.carry;
+    let layer = Ident::new("__ckpt_layer", Span::mixed_site());
+    let kwargs = Ident::new("__ckpt_kwargs", Span::mixed_site());
+    let checkpointed = quote! {{
+        let (#layer, #kwargs) = #pair;
+        ::core::result::Result::map_err(
+            #var.run(#layer, #carry, #kwargs),
+            #rt::convert_error,
+        )
+    }};
+    Ok(with_engine(engine, &expr.to_token_stream(), &checkpointed))
+}
+
+fn strip_parens(mut expr: &Expr) -> &Expr {
+    while let Expr::Paren(p) = expr {
+        expr = &p.expr;
+    }
+    expr
+}
+
+/// An invocation of a checkpointable method, in any form.
+struct Invocation<'a> {
+    /// Evaluates to `(&Layer, LayerKwargsOwned)`.
+    pair: TokenStream,
+    carry: &'a Expr,
+    kwargs: Vec<&'a Expr>,
+}
+
+fn invocation(expr: &Expr) -> syn::Result<Invocation<'_>> {
+    let rt = rt();
+    match strip_parens(expr) {
+        Expr::MethodCall(call) => {
+            if let Some(turbofish) = &call.turbofish {
+                return Err(unsupported(
+                    turbofish,
+                    "a checkpointable method takes no type arguments.",
+                ));
+            }
+            let mut args = call.args.iter();
+            let Some(carry) = args.next() else {
+                return Err(unsupported(
+                    call,
+                    "this call passes no carry: a layer invocation's first argument is the \
+                     tensor that flows through the stack, e.g. `layer.forward(&xs, ..)`.",
+                ));
+            };
+            let kwargs: Vec<&Expr> = args.collect();
+            let receiver = &call.receiver;
+            let twin = hidden_twin(&call.method);
+            let pair = quote_spanned! {receiver.span()=>
+                {
+                    use #rt::Probe as _;
+                    (#receiver).__ckpt_probe().#twin(#(#kwargs),*)
+                }
+            };
+            Ok(Invocation {
+                pair,
+                carry,
+                kwargs,
+            })
+        }
+        Expr::Call(call) => {
+            let mut args = call.args.iter();
+            if let Expr::Path(path) = &*call.func
+                && path.path.segments.len() >= 2
+            {
+                // UFCS: `Layer::method(layer, &xs, ..)`.
+                let (Some(receiver), Some(carry)) = (args.next(), args.next()) else {
+                    return Err(unsupported(
+                        call,
+                        "a path call `Layer::forward(layer, &xs, ..)` passes the layer, then \
+                         the carry, then the keyword arguments.",
+                    ));
+                };
+                let kwargs: Vec<&Expr> = args.collect();
+                let method = path
+                    .path
+                    .segments
+                    .last()
+                    .map(|s| hidden_twin(&s.ident))
+                    .ok_or_else(|| unsupported(path, "expected a method path"))?;
+                let pair = quote_spanned! {receiver.span()=>
+                    {
+                        use #rt::Probe as _;
+                        (#receiver).__ckpt_probe().#method(#(#kwargs),*)
+                    }
+                };
+                return Ok(Invocation {
+                    pair,
+                    carry,
+                    kwargs,
+                });
+            }
+            // A closure, function or fn pointer: not something the engine can re-run. Resolving it
+            // fails with `Resolve`'s message, which says so.
+            let Some(carry) = args.next() else {
+                return Err(unsupported(call, "this call passes no carry."));
+            };
+            let func = &call.func;
+            let pair = quote_spanned! {func.span()=>
+                {
+                    use #rt::Probe as _;
+                    (#func).__ckpt_probe().__ckpt_call_call()
+                }
+            };
+            Ok(Invocation {
+                pair,
+                carry,
+                kwargs: args.collect(),
+            })
+        }
+        other => Err(unsupported(
+            other,
+            "expected a layer invocation here (a method call or a path call).",
+        )),
+    }
+}
+
+/// Does `tokens` mention the identifier `name`?
+fn mentions(tokens: TokenStream, name: &Ident) -> Option<Span> {
+    for tt in tokens {
+        match tt {
+            TokenTree::Ident(i) if i == *name => return Some(i.span()),
+            TokenTree::Group(g) => {
+                if let Some(span) = mentions(g.stream(), name) {
+                    return Some(span);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Rejects keyword arguments and per-layer `let`s that read the carry: in a stack, they are
+/// evaluated before the first layer runs.
+fn check_no_carry(inv: &Invocation<'_>, lets: &[&Stmt], carry: &Ident) -> syn::Result<()> {
+    let exprs = inv.kwargs.iter().map(|e| e.to_token_stream());
+    let stmts = lets.iter().map(|s| s.to_token_stream());
+    for tokens in exprs.chain(stmts) {
+        if let Some(span) = mentions(tokens, carry) {
+            return Err(syn::Error::new(
+                span,
+                format!(
+                    "inside a checkpointed stack, only the carry argument may read `{carry}`: \
+                     the engine evaluates every layer's keyword arguments before it runs the \
+                     stack, so they would see `{carry}` as it was before the first layer. Compute \
+                     what depends on `{carry}` inside the layer"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the invocation's carry argument is `&CARRY`.
+fn check_carry_arg(inv: &Invocation<'_>, carry: &dyn ToTokens) -> syn::Result<()> {
+    let ok = matches!(inv.carry, Expr::Reference(r) if r.mutability.is_none()
+        && token_string(&r.expr) == token_string(carry));
+    if ok {
+        Ok(())
+    } else {
+        let carry = token_string(carry);
+        Err(syn::Error::new_spanned(
+            inv.carry,
+            format!(
+                "in a checkpointed stack, each layer's carry argument is `&{carry}`, the value the \
+                 previous layer produced (`{carry} = layer.forward(&{carry}, ..)?`)"
+            ),
+        ))
+    }
+}
+
+fn ident_of(expr: &Expr) -> Option<&Ident> {
+    match expr {
+        Expr::Path(p) if p.qself.is_none() => p.path.get_ident(),
+        _ => None,
+    }
+}
+
+/// `for PAT in ITER { LETS; CARRY = INVOCATION?; }` → one `run_stack`.
+fn for_loop_stmt(for_loop: &ExprForLoop, engine: &Expr) -> syn::Result<TokenStream> {
+    let rt = rt();
+    let var = engine_var();
+    let calls = calls_var();
+    let stmts = &for_loop.body.stmts;
+    let Some((last, lets)) = stmts.split_last() else {
+        return Err(unsupported(&for_loop.body, "this loop has an empty body."));
+    };
+    let lets: Vec<&Stmt> = lets.iter().collect();
+    for stmt in &lets {
+        if !matches!(stmt, Stmt::Local(_)) {
+            return Err(unsupported(
+                stmt,
+                "inside a `#[checkpoint]` loop, only `let` statements may come before \
+                 `CARRY = INVOCATION?;`.",
+            ));
+        }
+    }
+    let (carry, call) = match last {
+        Stmt::Expr(Expr::Assign(assign), _) => match &*assign.right {
+            Expr::Try(t) => (&*assign.left, &*t.expr),
+            other => {
+                return Err(unsupported(
+                    other,
+                    "the loop's assignment must end in `?`: `CARRY = INVOCATION?;`.",
+                ));
+            }
+        },
+        other => {
+            return Err(unsupported(
+                other,
+                "the body of a `#[checkpoint]` loop ends with `CARRY = INVOCATION?;`.",
+            ));
+        }
+    };
+    let inv = invocation(call)?;
+    check_carry_arg(&inv, carry)?;
+    if let Some(name) = ident_of(carry) {
+        check_no_carry(&inv, &lets, name)?;
+    }
+    let label = &for_loop.label;
+    let pat = &for_loop.pat;
+    let iter = &for_loop.expr;
+    let pair = &inv.pair;
+    let carry_arg = inv.carry;
+    let checkpointed = quote! {{
+        let mut #calls = #rt::Vec::new();
+        #label for #pat in #iter {
+            #(#lets)*
+            #calls.push(#pair);
+        }
+        #carry = #rt::candle_result(#var.run_stack(#carry_arg, #calls))?;
+    }};
+    let plain = quote!({ #for_loop });
+    Ok(with_engine(engine, &plain, &checkpointed))
+}
+
+/// `ITER.try_fold(INIT, |ACC, ITEM| INVOCATION)` → one `run_stack`.
+fn fold(call: &ExprMethodCall, engine: &Expr) -> syn::Result<TokenStream> {
+    let rt = rt();
+    let var = engine_var();
+    let calls = calls_var();
+    let shape = "a checkpointed fold is `ITER.try_fold(INIT, |ACC, ITEM| INVOCATION)`.";
+    let args: Vec<&Expr> = call.args.iter().collect();
+    let [init, Expr::Closure(closure)] = args.as_slice() else {
+        return Err(unsupported(&call.args, shape));
+    };
+    let inputs: Vec<&Pat> = closure.inputs.iter().collect();
+    let [acc, item] = inputs.as_slice() else {
+        return Err(unsupported(&closure.inputs, shape));
+    };
+    let strip = |p: &'_ Pat| -> Pat {
+        match p {
+            Pat::Type(t) => (*t.pat).clone(),
+            other => other.clone(),
+        }
+    };
+    let (acc, item) = (strip(acc), strip(item));
+    let Pat::Ident(acc_ident) = &acc else {
+        return Err(unsupported(
+            &acc,
+            "the fold's accumulator must be a plain name.",
+        ));
+    };
+    let acc_ident = &acc_ident.ident;
+    let (lets, body): (Vec<&Stmt>, &Expr) = match &*closure.body {
+        Expr::Block(b) => match b.block.stmts.split_last() {
+            Some((Stmt::Expr(e, None), lets))
+                if lets.iter().all(|s| matches!(s, Stmt::Local(_))) =>
+            {
+                (lets.iter().collect(), e)
+            }
+            _ => {
+                return Err(unsupported(
+                    &closure.body,
+                    "the fold's closure body is an invocation, optionally after `let` \
+                     statements.",
+                ));
+            }
+        },
+        other => (Vec::new(), other),
+    };
+    let inv = invocation(body)?;
+    check_carry_arg(&inv, acc_ident)?;
+    check_no_carry(&inv, &lets, acc_ident)?;
+    let iter = &call.receiver;
+    let pair = &inv.pair;
+    let checkpointed = quote! {{
+        let mut #calls = #rt::Vec::new();
+        for #item in #iter {
+            #(#lets)*
+            #calls.push(#pair);
+        }
+        ::core::result::Result::map_err(
+            #var.run_stack(&(#init), #calls),
+            #rt::convert_error,
+        )
+    }};
+    Ok(with_engine(engine, &call.to_token_stream(), &checkpointed))
+}

@@ -1,0 +1,18 @@
+use candle_core::{Result, Tensor};
+use checkpoint_runtime::checkpointable;
+
+#[checkpointable]
+#[derive(Clone)]
+struct Layer {
+    w: Tensor,
+}
+
+#[checkpointable]
+impl Layer {
+    fn forward(&self, xs: &Tensor, extra: &[&Tensor]) -> Result<Tensor> {
+        let _ = extra;
+        xs + &self.w
+    }
+}
+
+fn main() {}

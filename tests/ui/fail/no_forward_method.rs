@@ -1,0 +1,17 @@
+use candle_core::{Result, Tensor};
+use checkpoint_runtime::checkpointable;
+
+#[checkpointable]
+#[derive(Clone)]
+struct Layer {
+    w: Tensor,
+}
+
+#[checkpointable]
+impl Layer {
+    fn encode(&self, xs: &Tensor) -> Result<Tensor> {
+        xs + &self.w
+    }
+}
+
+fn main() {}
