@@ -71,8 +71,9 @@ pub(crate) struct Shared {
     fault: Mutex<Option<Error>>,
     stats: Mutex<Stats>,
     pub(crate) stores: Stores,
-    /// Budget plans, per stack length, from the probe step.
-    plans: Mutex<HashMap<usize, BudgetPlan>>,
+    /// Budget plans from probe steps, per stack length and carry shape: a longer batch
+    /// needs more memory, so it is measured anew.
+    plans: Mutex<HashMap<(usize, Vec<usize>), BudgetPlan>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -301,7 +302,8 @@ impl Checkpointer {
         carry: &Tensor,
         budget: u64,
     ) -> Result<Vec<Segment>> {
-        if let Some(plan) = lock(&self.shared.plans).get(&calls.len()) {
+        let key = (calls.len(), carry.dims().to_vec());
+        if let Some(plan) = lock(&self.shared.plans).get(&key) {
             return Ok(plan.segments());
         }
         let mode = self.mode();
@@ -327,17 +329,20 @@ impl Checkpointer {
         }
         let plan = plan_budget(&costs, budget, mode)?;
         let segments = plan.segments();
-        lock(&self.shared.plans).insert(calls.len(), plan);
+        lock(&self.shared.plans).insert(key, plan);
         Ok(segments)
     }
 
-    /// The plans a budget policy made, one per stack length, in increasing length.
+    /// The plans a budget policy made, one per stack length and carry shape it has run, in
+    /// increasing length and shape.
     #[must_use]
     pub fn budget_plans(&self) -> Vec<BudgetPlan> {
         let plans = lock(&self.shared.plans);
-        let mut lens: Vec<_> = plans.keys().copied().collect();
-        lens.sort_unstable();
-        lens.iter().filter_map(|l| plans.get(l).cloned()).collect()
+        let mut keys: Vec<_> = plans.keys().collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .filter_map(|k| plans.get(k).cloned())
+            .collect()
     }
 
     /// Runs the backward pass from `loss` and returns every parameter's gradient: those of the

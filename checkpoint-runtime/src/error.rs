@@ -100,3 +100,19 @@ impl From<Error> for candle_core::Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    /// Errors travel in every `Result` of the engine: keep them small (clippy's
+    /// `result_large_err` draws the line at 128 bytes).
+    #[test]
+    fn the_error_stays_small() {
+        assert!(
+            std::mem::size_of::<Error>() <= 128,
+            "{}",
+            std::mem::size_of::<Error>()
+        );
+    }
+}

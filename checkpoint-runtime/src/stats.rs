@@ -31,6 +31,21 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Folds the stats of a later step into these run totals: counts and times add up; boundary
+    /// bytes and the peak describe one step, so the larger of the two is kept.
+    pub fn merge(&mut self, step: &Stats) {
+        self.stacks += step.stacks;
+        self.segments += step.segments;
+        self.device_bytes = self.device_bytes.max(step.device_bytes);
+        self.host_bytes = self.host_bytes.max(step.host_bytes);
+        self.disk_bytes = self.disk_bytes.max(step.disk_bytes);
+        self.peak_device_bytes = self.peak_device_bytes.max(step.peak_device_bytes);
+        self.recompute += step.recompute;
+        self.transfer += step.transfer;
+        self.prefetch_hits += step.prefetch_hits;
+        self.prefetch_waits += step.prefetch_waits;
+    }
+
     pub(crate) fn add_boundary(&mut self, placement: Placement, bytes: u64) {
         self.segments += 1;
         match placement {
@@ -111,7 +126,27 @@ impl fmt::Display for Stats {
 
 #[cfg(test)]
 mod tests {
-    use super::human;
+    use std::time::Duration;
+
+    use super::{Stats, human};
+
+    #[test]
+    fn merge_sums_counts_and_keeps_the_larger_step() {
+        let step = |bytes: u64, ms: u64| Stats {
+            stacks: 1,
+            segments: 4,
+            disk_bytes: bytes,
+            peak_device_bytes: bytes / 2,
+            recompute: Duration::from_millis(ms),
+            prefetch_hits: 3,
+            ..Stats::default()
+        };
+        let mut run = step(100, 5);
+        run.merge(&step(300, 7));
+        assert_eq!((run.stacks, run.segments, run.prefetch_hits), (2, 8, 6));
+        assert_eq!((run.disk_bytes, run.peak_device_bytes), (300, 150));
+        assert_eq!(run.recompute, Duration::from_millis(12));
+    }
 
     #[test]
     fn human_picks_the_largest_unit() {

@@ -349,7 +349,7 @@ pub fn train(
         drop(grads);
         tokens += batch.tokens;
         losses.push(loss);
-        accumulate(&mut stats, &ckpt.take_stats());
+        stats.merge(&ckpt.take_stats());
         if step == 0 {
             print_budget_plans(ckpt, &progress);
         }
@@ -369,21 +369,6 @@ pub fn train(
         peak_gpu,
         stats,
     })
-}
-
-/// Adds one step's engine statistics to the run's: bytes per location and the peak as the
-/// largest step's, times and counts summed.
-pub fn accumulate(total: &mut Stats, step: &Stats) {
-    total.stacks += step.stacks;
-    total.segments += step.segments;
-    total.device_bytes = total.device_bytes.max(step.device_bytes);
-    total.host_bytes = total.host_bytes.max(step.host_bytes);
-    total.disk_bytes = total.disk_bytes.max(step.disk_bytes);
-    total.peak_device_bytes = total.peak_device_bytes.max(step.peak_device_bytes);
-    total.recompute += step.recompute;
-    total.transfer += step.transfer;
-    total.prefetch_hits += step.prefetch_hits;
-    total.prefetch_waits += step.prefetch_waits;
 }
 
 /// Prints the plans a budget policy made on its probe step (nothing without a budget).
