@@ -309,3 +309,40 @@ fn without_an_engine_the_model_runs_the_plain_calls() -> TestResult {
     }
     Ok(())
 }
+
+/// A reference that disagrees fails the check and names the worst tensor.
+#[test]
+fn a_disagreeing_reference_fails_naming_the_worst_tensor() -> TestResult {
+    let dir = fixture();
+    let mut reference =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
+    let name = "grad.model.layers.2.mlp.down_proj.weight";
+    let perturbed = (reference.get(name).ok_or("fixture lacks the gradient")? * 1.01)?;
+    reference.insert(name.to_owned(), perturbed);
+    let logits = (reference.get("logits").ok_or("fixture lacks logits")? * (1.0 + 1e-6))?;
+    reference.insert("logits".to_owned(), logits);
+    let scratch = scratch("disagree")?;
+    let file = scratch.join("reference.safetensors");
+    candle_core::safetensors::save(&reference, &file)?;
+    let report = verify(
+        &dir,
+        &file,
+        &Checkpointer::new(Policy::recompute()),
+        &Device::Cpu,
+    )?;
+    std::fs::remove_dir_all(&scratch)?;
+    match report.ok() {
+        Err(qwen2::Error::Verify {
+            count,
+            worst,
+            rel_err,
+            ..
+        }) => {
+            // The 1% gradient error is 100x its tolerance; the 1e-6 logits error is within.
+            assert_eq!((count, worst.as_str()), (1, name), "{report}");
+            assert!((rel_err - 0.01 / 1.01).abs() < 1e-4, "{rel_err}");
+        }
+        other => panic!("expected a verify failure, got {other:?}\n{report}"),
+    }
+    Ok(())
+}
