@@ -4,7 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use checkpoint_runtime::{Checkpointer, Kwargs, Layer, Mode, Policy};
 use checkpoint_tests::block::{Block, BlockConfig, BlockKwargs};
-use checkpoint_tests::compare::{max_abs_diff, max_grad_diff};
+use checkpoint_tests::compare::{max_abs_diff, max_grad_diff, rel_err};
 use checkpoint_tests::init::Init;
 use checkpoint_tests::mlp::MlpBlock;
 
@@ -213,5 +213,40 @@ fn stacks_of_length_zero_and_one() -> Result<()> {
     let plain = step(Policy::none(), &layers, &(), x.as_tensor())?;
     let one = step(Policy::recompute(), &layers, &(), x.as_tensor())?;
     assert_eq!(max_grad_diff(&plain.grads, &one.grads, &params)?, 0.0);
+    Ok(())
+}
+
+/// A keyword argument computed from a trainable tensor (a learned attention bias) passes its
+/// gradient on. The layers' gradients stay exact; the bias's is summed per segment through
+/// `tanh` rather than once after the sum, so it may differ in the last bits.
+#[test]
+fn trainable_keyword_arguments_get_their_gradients() -> Result<()> {
+    let cfg = BlockConfig::small(32);
+    let (layers, mut params) = block_stack(3, cfg, DType::F32)?;
+    let x = Init::new(5).var((2, 6, 32), 1.0, DType::F32, &Device::Cpu)?;
+    let bias = Init::new(6).var((6, 6), 0.5, DType::F32, &Device::Cpu)?;
+    let base = BlockKwargs::new(&cfg, 6, DType::F32, &Device::Cpu)?;
+    let kwargs = BlockKwargs {
+        mask: (&base.mask + bias.as_tensor().tanh()?)?,
+        ..base
+    };
+    let plain = step(Policy::none(), &layers, &kwargs, x.as_tensor())?;
+    let ckpt = step(
+        Policy::new(Mode::OffloadDisk).segments(2),
+        &layers,
+        &kwargs,
+        x.as_tensor(),
+    )?;
+    params.push(x);
+    assert_eq!(max_grad_diff(&plain.grads, &ckpt.grads, &params)?, 0.0);
+    let grad = |s: &Step| {
+        s.grads
+            .get(bias.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::msg("no bias gradient"))
+    };
+    let err = rel_err(&grad(&ckpt)?, &grad(&plain)?)?;
+    assert!(err < 1e-6, "bias gradient off by {err:e}");
+    assert_eq!(ckpt.grads.get_ids().count(), params.len() + 1);
     Ok(())
 }

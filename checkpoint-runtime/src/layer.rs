@@ -7,6 +7,11 @@ use candle_core::Tensor;
 ///
 /// `#[checkpointable]` generates one record per annotated method. `()` serves layers whose only
 /// argument is the carry.
+///
+/// A keyword tensor may itself depend on trainable parameters (a learned attention bias): its
+/// gradient reaches them through recomputation. The contributions are then summed segment by
+/// segment instead of once, so that those parameters' gradients equal the plain graph's up to
+/// rounding, while every other gradient stays exact.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be kept as the keyword arguments of a checkpointed layer",
     label = "not a keyword-argument record",
