@@ -13,9 +13,13 @@ pub enum Mode {
     /// Keep each segment's input (its boundary) on the compute device and re-run the segment
     /// during backward.
     Recompute,
-    /// Like `Recompute`, with boundaries in host memory (pinned on CUDA) until backward.
+    /// Like `Recompute`, with boundaries in host memory until backward: on CUDA, pinned buffers
+    /// filled and drained on a side stream, one boundary prefetched ahead. On a CPU compute
+    /// device host memory is the device's memory, so boundaries stay where they are (no copy)
+    /// and are counted as host bytes: the mode then costs and saves what `Recompute` does.
     OffloadHost,
-    /// Like `Recompute`, with boundaries in files on disk until backward.
+    /// Like `Recompute`, with boundaries in files on disk until backward: a private directory,
+    /// a background writer, a prefetching reader and a checksum per file (see [`DiskConfig`](crate::DiskConfig)).
     OffloadDisk,
 }
 
