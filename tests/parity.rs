@@ -82,28 +82,32 @@ fn assert_exact<L: Layer<K>, K: Kwargs + Clone>(
     Ok(())
 }
 
-fn mlp_stack(depth: usize, hidden: usize, dtype: DType) -> Result<(Vec<MlpBlock>, Vec<Var>)> {
-    let mut init = Init::new(7);
+/// `depth` layers made by `make` from one generator seeded with `seed`, and all their parameters.
+fn stack<L>(
+    depth: usize,
+    seed: u64,
+    mut make: impl FnMut(&mut Init) -> Result<L>,
+    vars: impl Fn(&L) -> &[Var],
+) -> Result<(Vec<L>, Vec<Var>)> {
+    let mut init = Init::new(seed);
     let layers = (0..depth)
-        .map(|_| MlpBlock::new(hidden, &mut init, dtype, &Device::Cpu))
+        .map(|_| make(&mut init))
         .collect::<Result<Vec<_>>>()?;
     let params = layers
         .iter()
-        .flat_map(|l| l.vars().iter().cloned())
+        .flat_map(|l| vars(l).iter().cloned())
         .collect();
     Ok((layers, params))
 }
 
+fn mlp_stack(depth: usize, hidden: usize, dtype: DType) -> Result<(Vec<MlpBlock>, Vec<Var>)> {
+    let make = |init: &mut Init| MlpBlock::new(hidden, init, dtype, &Device::Cpu);
+    stack(depth, 7, make, MlpBlock::vars)
+}
+
 fn block_stack(depth: usize, cfg: BlockConfig, dtype: DType) -> Result<(Vec<Block>, Vec<Var>)> {
-    let mut init = Init::new(11);
-    let layers = (0..depth)
-        .map(|_| Block::new(cfg, &mut init, dtype, &Device::Cpu))
-        .collect::<Result<Vec<_>>>()?;
-    let params = layers
-        .iter()
-        .flat_map(|l| l.vars().iter().cloned())
-        .collect();
-    Ok((layers, params))
+    let make = |init: &mut Init| Block::new(cfg, init, dtype, &Device::Cpu);
+    stack(depth, 11, make, Block::vars)
 }
 
 #[test]
