@@ -93,15 +93,24 @@ fn loads_a_checkpoint_in_either_spelling_with_the_files_values() -> TestResult {
         let tensors = weights(&json)?;
         write(&tmp.0, &json, &tensors)?;
         let loaded = load(&tmp.0)?;
-        assert_eq!(loaded.params.len(), tensors.len());
-        for (name, var) in &loaded.params {
-            assert!(var.as_tensor().is_variable(), "{name} is not trainable");
-            assert_eq!(
-                max_abs_diff(var.as_tensor(), &tensors[name])?,
-                0.0,
-                "{name}"
-            );
-        }
+        assert_trainable_copies(&loaded, &tensors)?;
+    }
+    Ok(())
+}
+
+/// Every file tensor became a trainable variable with exactly its values, and nothing else did.
+fn assert_trainable_copies(
+    loaded: &loader::Loaded,
+    tensors: &HashMap<String, Tensor>,
+) -> TestResult {
+    assert_eq!(loaded.params.len(), tensors.len());
+    for (name, var) in &loaded.params {
+        assert!(var.as_tensor().is_variable(), "{name} is not trainable");
+        assert_eq!(
+            max_abs_diff(var.as_tensor(), &tensors[name])?,
+            0.0,
+            "{name}"
+        );
     }
     Ok(())
 }
@@ -215,15 +224,7 @@ fn reads_a_sharded_checkpoint() -> TestResult {
     )?;
     std::fs::write(tmp.0.join("config.json"), &json)?;
     let loaded = load(&tmp.0)?;
-    assert_eq!(loaded.params.len(), tensors.len());
-    for (name, var) in &loaded.params {
-        assert_eq!(
-            max_abs_diff(var.as_tensor(), &tensors[name])?,
-            0.0,
-            "{name}"
-        );
-    }
-    Ok(())
+    assert_trainable_copies(&loaded, &tensors)
 }
 
 #[test]
