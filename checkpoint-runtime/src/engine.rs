@@ -232,7 +232,8 @@ impl Checkpointer {
     }
 
     /// Runs a stack of layer invocations, each with its own keyword arguments, feeding each
-    /// layer's output to the next. The result is an ordinary tensor of candle's graph.
+    /// layer's output to the next. The result is an ordinary tensor of candle's graph; an empty
+    /// stack returns the carry itself.
     ///
     /// # Errors
     /// A layer's error, naming the layer and the mode; [`Error::UncollectedGradients`] after a

@@ -10,7 +10,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Errors raised by checkpointing engines.
 ///
 /// Converts into [`candle_core::Error`] so that `?` works inside model code that returns candle's
-/// result type.
+/// result type. That conversion keeps the message (layer, mode, fix) but not the variant: match
+/// on the variant where the engine's own methods return it, such as
+/// [`Checkpointer::backward`](crate::Checkpointer::backward).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
