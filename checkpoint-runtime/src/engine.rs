@@ -94,15 +94,20 @@ impl Shared {
 
     /// Keeps `hidden` as the boundary of `seg`, wherever the segment's placement says.
     pub(crate) fn store(&self, hidden: &Tensor, seg: Segment, layer: &str) -> Result<Boundary> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let boundary = Boundary::store(hidden, seg.placement, &self.stores, layer)?;
         let bytes = boundary.bytes();
         let mut stats = self.stats_mut();
         stats.add_boundary(seg.placement, bytes);
-        if seg.placement == Placement::Device {
-            stats.peak_device_bytes = stats.peak_device_bytes.max(self.stores.resident_bytes());
-        } else {
-            stats.transfer += started.elapsed();
+        match seg.placement {
+            Placement::Device => {
+                stats.peak_device_bytes = stats.peak_device_bytes.max(self.stores.resident_bytes());
+            }
+            // The copy to host memory happens here.
+            Placement::Host => stats.transfer += started.elapsed(),
+            // Only a hand-over to the writer: its write time is counted when the file is read
+            // back, and counting the wait here as well would count it twice.
+            Placement::Disk | Placement::Graph => {}
         }
         Ok(boundary)
     }
