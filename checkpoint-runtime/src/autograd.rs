@@ -18,8 +18,7 @@ use crate::engine::Shared;
 use crate::error::Error;
 use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Segment};
-use crate::store::disk::Prefetcher;
-use crate::store::{Boundary, Saved};
+use crate::store::Saved;
 
 /// The state a checkpointed stack keeps between its forward and its backward.
 pub(crate) struct Stack<L, K> {
@@ -103,23 +102,14 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                 mode,
             })?;
         let Stack { calls, saved } = stack;
-        // Disk boundaries, in the order this backward takes them, loaded ahead on a thread.
-        let files: Vec<_> = saved
-            .iter()
-            .rev()
-            .filter_map(|(_, kept)| match kept {
-                Saved::Boundary(Boundary::Disk(d)) => Some(Arc::clone(&d.file)),
-                _ => None,
-            })
-            .collect();
-        let prefetch = if files.is_empty() {
-            None
-        } else {
-            Some(Prefetcher::start(
-                files,
-                self.shared.stores.disk.prefetch_depth(),
-            )?)
-        };
+        // The boundaries, in the order this backward takes them (disk files are loaded ahead).
+        let readers = self
+            .shared
+            .stores
+            .readers(saved.iter().rev().filter_map(|(_, kept)| match kept {
+                Saved::Boundary(boundary) => Some(boundary),
+                Saved::Graph { .. } => None,
+            }))?;
         let mut grad = grad.clone();
         let mut segments = saved.into_iter().rev().peekable();
         while let Some((seg, kept)) = segments.next() {
@@ -127,10 +117,10 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                 Saved::Graph { input, output } => (input, output),
                 Saved::Boundary(boundary) => {
                     let layer = describe::<L, K>(seg.start);
-                    let boundary = self.shared.fetch(boundary, prefetch.as_ref(), &layer)?;
+                    let boundary = self.shared.fetch(boundary, &readers, &layer)?;
                     // Bring the next boundary back while this segment recomputes.
-                    if let Some((_, Saved::Boundary(next))) = segments.peek() {
-                        next.prefetch()?;
+                    if let Some((next_seg, Saved::Boundary(next))) = segments.peek() {
+                        next.prefetch(&describe::<L, K>(next_seg.start))?;
                     }
                     let started = Instant::now();
                     // A copy, so that the boundary is a leaf whose gradient nothing swallows.

@@ -17,7 +17,7 @@ use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Placement, Policy, Segment};
 use crate::stats::Stats;
 use crate::store::disk::DiskConfig;
-use crate::store::{Boundary, Saved, Stores, tensor_bytes};
+use crate::store::{Boundary, Readers, Saved, Stores, tensor_bytes};
 
 /// Runs layer stacks under a checkpointing [`Policy`] and computes complete gradients.
 ///
@@ -95,7 +95,7 @@ impl Shared {
     /// Keeps `hidden` as the boundary of `seg`, wherever the segment's placement says.
     pub(crate) fn store(&self, hidden: &Tensor, seg: Segment, layer: &str) -> Result<Boundary> {
         let started = Instant::now();
-        let boundary = Boundary::store(hidden, seg.placement, &self.stores, layer)?;
+        let boundary = self.stores.put(hidden, seg.placement, layer)?;
         let bytes = boundary.bytes();
         let mut stats = self.stats_mut();
         stats.add_boundary(seg.placement, bytes);
@@ -116,10 +116,10 @@ impl Shared {
     pub(crate) fn fetch(
         &self,
         boundary: Boundary,
-        prefetch: Option<&crate::store::disk::Prefetcher>,
+        readers: &Readers,
         layer: &str,
     ) -> Result<Tensor> {
-        let fetched = boundary.fetch(prefetch, layer)?;
+        let fetched = boundary.fetch(readers, layer)?;
         let mut stats = self.stats_mut();
         stats.transfer += fetched.transfer;
         match fetched.waited {

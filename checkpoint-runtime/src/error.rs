@@ -89,6 +89,21 @@ pub enum Error {
         detail: String,
     },
 
+    /// A boundary could not be copied between a GPU and pinned host memory.
+    #[error(
+        "{layer}: cannot {action} (mode offload-host): {source}. Fix: if pinned host memory is \
+         exhausted, offload fewer layers to the host (Policy::keep_last, Policy::budget) or use \
+         offload-disk"
+    )]
+    HostTransfer {
+        /// The layer whose boundary it is.
+        layer: String,
+        /// What the engine was doing.
+        action: &'static str,
+        /// The driver's error.
+        source: candle_core::Error,
+    },
+
     /// A policy or configuration that cannot be run.
     #[error("invalid checkpoint configuration: {0}")]
     Config(String),

@@ -24,9 +24,10 @@ pub struct Stats {
     pub recompute: Duration,
     /// Time spent moving boundaries off the device and back (writer and reader time for disk).
     pub transfer: Duration,
-    /// Disk boundaries that were already loaded when backward needed them.
+    /// Offloaded boundaries already back when backward needed them: loaded from disk, or (on
+    /// CUDA) copied back to the GPU.
     pub prefetch_hits: u64,
-    /// Disk boundaries that backward had to wait for.
+    /// Offloaded boundaries that backward had to wait for.
     pub prefetch_waits: u64,
 }
 

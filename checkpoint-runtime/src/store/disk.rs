@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use super::file;
+use super::{BoundaryStore, Fetched, file};
 use crate::error::{Error, Result};
 
 /// Where and how boundaries go to disk.
@@ -95,11 +95,6 @@ impl DiskStore {
         }
     }
 
-    /// How many boundaries the reader loads ahead.
-    pub(crate) fn prefetch_depth(&self) -> usize {
-        self.config.prefetch
-    }
-
     /// Waits until every boundary handed over so far is on disk; the first failed write.
     pub(crate) fn flush(&self) -> Result<()> {
         let files: Vec<Arc<BoundaryFile>> = {
@@ -152,9 +147,15 @@ impl DiskStore {
         });
         Ok((dir, queue))
     }
+}
+
+impl BoundaryStore for DiskStore {
+    type Kept = DiskBoundary;
+    /// Loads the files ahead of the backward pass; `None` when it takes none.
+    type Reader = Option<Prefetcher>;
 
     /// Hands `tensor` to the writer; returns at once unless the writer is `write_queue` behind.
-    pub(crate) fn put(&self, tensor: &Tensor, layer: &str) -> Result<DiskBoundary> {
+    fn put(&self, tensor: &Tensor, layer: &str) -> Result<DiskBoundary> {
         let (dir, queue) = self.open(layer)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let path = dir.path.join(format!("boundary-{id:06}.safetensors"));
@@ -185,6 +186,38 @@ impl DiskStore {
         Ok(DiskBoundary {
             file,
             bytes: super::tensor_bytes(tensor),
+        })
+    }
+
+    fn bytes(kept: &DiskBoundary) -> u64 {
+        kept.bytes
+    }
+
+    fn reader(&self, order: &[&DiskBoundary]) -> Result<Option<Prefetcher>> {
+        if order.is_empty() {
+            return Ok(None);
+        }
+        let files = order.iter().map(|d| Arc::clone(&d.file)).collect();
+        Prefetcher::start(files, self.config.prefetch).map(Some)
+    }
+
+    /// The reader loads ahead on its own thread.
+    fn prefetch(_kept: &DiskBoundary, _layer: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn fetch(kept: DiskBoundary, reader: &Option<Prefetcher>, layer: &str) -> Result<Fetched> {
+        let loaded = match reader {
+            Some(reader) => reader.next(&kept.file, layer)?,
+            // Not in the reader's order: load it alone.
+            None => Prefetcher::start(vec![Arc::clone(&kept.file)], 1)?.next(&kept.file, layer)?,
+        };
+        // Dropping the boundary removes its file (the reader removed it already once read).
+        drop(kept);
+        Ok(Fetched {
+            tensor: loaded.tensor,
+            transfer: loaded.transfer,
+            waited: Some(loaded.waited),
         })
     }
 }
@@ -244,7 +277,7 @@ enum WriteState {
 }
 
 /// One boundary file; removed on drop.
-pub(crate) struct BoundaryFile {
+struct BoundaryFile {
     path: PathBuf,
     layer: String,
     device: Device,
@@ -342,20 +375,23 @@ impl Drop for BoundaryFile {
 /// A boundary handed to the disk store.
 #[derive(Debug)]
 pub(crate) struct DiskBoundary {
-    pub(crate) file: Arc<BoundaryFile>,
-    pub(crate) bytes: u64,
+    file: Arc<BoundaryFile>,
+    bytes: u64,
 }
 
 /// One loaded boundary: the tensor, the time its transfer took, whether it was ready.
-pub(crate) struct Loaded {
-    pub(crate) tensor: Tensor,
-    pub(crate) transfer: Duration,
-    pub(crate) waited: bool,
+struct Loaded {
+    tensor: Tensor,
+    transfer: Duration,
+    waited: bool,
 }
+
+/// What the reader thread sends for one file: the file it read, and its tensor or error.
+type ReadFile = (PathBuf, Result<(Tensor, Duration)>);
 
 /// Loads boundary files in the order backward needs them, `depth` ahead, on a thread.
 pub(crate) struct Prefetcher {
-    rx: Option<Receiver<Result<(Tensor, Duration)>>>,
+    rx: Option<Receiver<ReadFile>>,
     thread: Option<thread::JoinHandle<()>>,
     device: Option<Device>,
 }
@@ -373,7 +409,7 @@ impl Drop for Prefetcher {
 
 impl Prefetcher {
     /// Starts loading `files` (in the order they will be taken).
-    pub(crate) fn start(files: Vec<Arc<BoundaryFile>>, depth: usize) -> Result<Self> {
+    fn start(files: Vec<Arc<BoundaryFile>>, depth: usize) -> Result<Self> {
         let device = files.first().map(|f| f.device.clone());
         let (tx, rx) = mpsc::sync_channel(depth.max(1));
         let thread = thread::Builder::new()
@@ -382,8 +418,9 @@ impl Prefetcher {
                 for f in files {
                     let loaded = f.load().map(|(t, took, _)| (t, took));
                     let failed = loaded.is_err();
+                    let path = f.path.clone();
                     drop(f);
-                    if tx.send(loaded).is_err() || failed {
+                    if tx.send((path, loaded)).is_err() || failed {
                         break; // backward stopped, or nothing after a failure matters
                     }
                 }
@@ -396,8 +433,8 @@ impl Prefetcher {
         })
     }
 
-    /// The next boundary, on its compute device.
-    pub(crate) fn next(&self, layer: &str) -> Result<Loaded> {
+    /// The next boundary, which must be `file`, on its compute device.
+    fn next(&self, file: &BoundaryFile, layer: &str) -> Result<Loaded> {
         let gone = || Error::Config(format!("internal: the prefetch thread is gone ({layer})"));
         let rx = self.rx.as_ref().ok_or_else(gone)?;
         let (result, waited) = match rx.try_recv() {
@@ -411,6 +448,14 @@ impl Prefetcher {
                 true,
             ),
         };
+        let (path, result) = result;
+        if path != file.path {
+            return Err(Error::Config(format!(
+                "internal: the backward of {layer} needs {} but the reader loaded {}",
+                file.path.display(),
+                path.display()
+            )));
+        }
         let (tensor, mut transfer) = result?;
         let started = Instant::now();
         let tensor = match &self.device {

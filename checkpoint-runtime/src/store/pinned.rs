@@ -2,14 +2,18 @@
 //!
 //! - Buffers are page-locked and *not* write-combined (`alloc_pinned_with_flags(n, 0)`):
 //!   write-combined memory is fast to write from the host but very slow to read back, and the
-//!   device reads these buffers back. They are pooled and reused across steps.
-//! - Device-to-host copies run on a side stream that first waits for the compute stream's work
-//!   (an event), so the forward's next layer overlaps the copy. The device tensor is released
-//!   once its copy's event has completed, checked when the next boundary is stored.
-//! - Host-to-device copies for backward are issued one boundary ahead ([`PinnedBoundary::prefetch`])
+//!   device reads these buffers back. They are reused across steps through a [`Pool`] capped at
+//!   the most bytes ever in use at once, so that new shapes replace old buffers.
+//! - Device-to-host copies run on a side stream that first waits for the compute stream's work,
+//!   so the forward's next layer overlaps the copy. The device tensor is released once its copy
+//!   has completed, checked when the next boundary is stored.
+//! - Host-to-device copies for backward are issued one boundary ahead ([`BoundaryStore::prefetch`])
 //!   on the side stream; the compute stream waits for the copy's event before using the tensor.
+//! - Every pinned buffer carries its own event (cudarc records it after each copy and waits on it
+//!   before the next), so a buffer back in the pool is never overwritten while a copy reads it.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
@@ -18,8 +22,16 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageS
 use candle_core::op::BackpropOp;
 use candle_core::{Shape, Storage, Tensor};
 
+use super::pool::{Buffer, Pool};
+use super::{BoundaryStore, Fetched, tensor_bytes};
+use crate::error::{Error, Result};
+
 fn driver(e: impl std::fmt::Display + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::wrap(format!("CUDA host offload: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A pinned host buffer of one of the float dtypes boundaries can have.
@@ -30,10 +42,23 @@ enum HostBuf {
     F16(PinnedHostSlice<half::f16>),
 }
 
-/// A buffer type the pool can hand out.
+impl Buffer for HostBuf {
+    fn bytes(&self) -> u64 {
+        let n = match self {
+            HostBuf::F32(b) => b.num_bytes(),
+            HostBuf::F64(b) => b.num_bytes(),
+            HostBuf::BF16(b) => b.num_bytes(),
+            HostBuf::F16(b) => b.num_bytes(),
+        };
+        n as u64
+    }
+}
+
+/// An element type the pool can hand out buffers of.
 trait Pinned: DeviceRepr + ValidAsZeroBits + CudaDType + Sized {
     fn wrap(buf: PinnedHostSlice<Self>) -> HostBuf;
-    fn unwrap(buf: HostBuf) -> Result<PinnedHostSlice<Self>, HostBuf>;
+    fn unwrap(buf: HostBuf) -> Option<PinnedHostSlice<Self>>;
+    fn len_of(buf: &HostBuf) -> Option<usize>;
 }
 
 macro_rules! pinned {
@@ -42,10 +67,16 @@ macro_rules! pinned {
             fn wrap(buf: PinnedHostSlice<Self>) -> HostBuf {
                 HostBuf::$variant(buf)
             }
-            fn unwrap(buf: HostBuf) -> Result<PinnedHostSlice<Self>, HostBuf> {
+            fn unwrap(buf: HostBuf) -> Option<PinnedHostSlice<Self>> {
                 match buf {
-                    HostBuf::$variant(b) => Ok(b),
-                    other => Err(other),
+                    HostBuf::$variant(b) => Some(b),
+                    _ => None,
+                }
+            }
+            fn len_of(buf: &HostBuf) -> Option<usize> {
+                match buf {
+                    HostBuf::$variant(b) => Some(b.len()),
+                    _ => None,
                 }
             }
         }
@@ -56,11 +87,20 @@ pinned!(f64, F64);
 pinned!(half::bf16, BF16);
 pinned!(half::f16, F16);
 
+type SharedPool = Arc<Mutex<Pool<HostBuf>>>;
+
+/// Puts `buf` back in the pool, freeing what no longer fits outside the lock.
+fn give_back(pool: &SharedPool, buf: HostBuf) {
+    let evicted = lock(pool).give_back(buf);
+    // Freeing waits for the buffer's last copy (its event), then unpins it.
+    drop(evicted);
+}
+
 /// The pinned store of one engine: the side stream and the buffer pool.
 #[derive(Default)]
 pub(crate) struct PinnedStore {
     side: Mutex<Option<Arc<CudaStream>>>,
-    pool: Arc<Mutex<Vec<HostBuf>>>,
+    pool: SharedPool,
     /// The boundary whose copy was issued last; its device tensor is released at the next store.
     last: Mutex<Option<Arc<PinnedBoundary>>>,
 }
@@ -73,7 +113,7 @@ impl std::fmt::Debug for PinnedStore {
 
 impl PinnedStore {
     fn side(&self, device: &CudaDevice) -> candle_core::Result<Arc<CudaStream>> {
-        let mut side = self.side.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut side = lock(&self.side);
         if let Some(s) = side.as_ref() {
             return Ok(Arc::clone(s));
         }
@@ -86,46 +126,33 @@ impl PinnedStore {
         Ok(stream)
     }
 
-    fn take<T: Pinned>(
+    /// A pinned buffer of `len` elements: a pooled one of that size, or a new one.
+    fn buffer<T: Pinned>(
         &self,
         device: &CudaDevice,
         len: usize,
     ) -> candle_core::Result<PinnedHostSlice<T>> {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut kept = Vec::with_capacity(pool.len());
-        let mut found = None;
-        for buf in pool.drain(..) {
-            match T::unwrap(buf) {
-                Ok(b) if found.is_none() && b.len() == len => found = Some(b),
-                Ok(b) => kept.push(T::wrap(b)),
-                Err(other) => kept.push(other),
-            }
+        let reused = lock(&self.pool).reuse(|b| T::len_of(b) == Some(len));
+        if let Some(buf) = reused.and_then(T::unwrap) {
+            return Ok(buf);
         }
-        *pool = kept;
-        drop(pool);
-        match found {
-            Some(b) => Ok(b),
-            // SAFETY: the buffer is written in full by the device-to-host copy before anything
-            // reads it (the copy is ordered before every read by the buffer's own event).
-            None => unsafe {
-                device
-                    .cuda_stream()
-                    .context()
-                    .alloc_pinned_with_flags::<T>(len, 0)
-                    .map_err(driver)
-            },
-        }
+        // SAFETY: the buffer is written in full by the device-to-host copy before anything
+        // reads it (the copy is ordered before every read by the buffer's own event).
+        let buf = unsafe {
+            device
+                .cuda_stream()
+                .context()
+                .alloc_pinned_with_flags::<T>(len, 0)
+                .map_err(driver)?
+        };
+        lock(&self.pool).lend(buf.num_bytes() as u64);
+        Ok(buf)
     }
 
     /// Starts copying `hidden` (on a CUDA device) into a pinned buffer.
-    pub(crate) fn store(&self, hidden: &Tensor) -> candle_core::Result<Arc<PinnedBoundary>> {
+    fn copy_out(&self, hidden: &Tensor) -> candle_core::Result<PinnedBoundary> {
         // Release the previous boundary's device memory once its copy is done.
-        if let Some(prev) = self
-            .last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(prev) = lock(&self.last).take() {
             prev.release_source()?;
         }
         let hidden = hidden.contiguous()?;
@@ -139,14 +166,13 @@ impl PinnedStore {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::msg("boundary is not contiguous"))?;
         let device = cuda.device.clone();
-        let compute = device.cuda_stream();
         let side = self.side(&device)?;
-        side.join(&compute).map_err(driver)?;
+        side.join(&device.cuda_stream()).map_err(driver)?;
         let buf = match &cuda.slice {
-            CudaStorageSlice::F32(s) => self.copy_out(&side, s, start, end, &device)?,
-            CudaStorageSlice::F64(s) => self.copy_out(&side, s, start, end, &device)?,
-            CudaStorageSlice::BF16(s) => self.copy_out(&side, s, start, end, &device)?,
-            CudaStorageSlice::F16(s) => self.copy_out(&side, s, start, end, &device)?,
+            CudaStorageSlice::F32(s) => self.copy_slice(&side, s, start, end, &device)?,
+            CudaStorageSlice::F64(s) => self.copy_slice(&side, s, start, end, &device)?,
+            CudaStorageSlice::BF16(s) => self.copy_slice(&side, s, start, end, &device)?,
+            CudaStorageSlice::F16(s) => self.copy_slice(&side, s, start, end, &device)?,
             _ => {
                 return Err(candle_core::Error::msg(format!(
                     "boundaries of dtype {:?} cannot be offloaded: use f16, bf16, f32 or f64",
@@ -156,8 +182,9 @@ impl PinnedStore {
         };
         let copied = side.record_event(None).map_err(driver)?;
         drop(storage);
-        let boundary = Arc::new(PinnedBoundary {
+        Ok(PinnedBoundary {
             shape: hidden.shape().clone(),
+            bytes: tensor_bytes(&hidden),
             device,
             side,
             pool: Arc::clone(&self.pool),
@@ -166,12 +193,10 @@ impl PinnedStore {
                 copied,
                 buf,
             }),
-        });
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&boundary));
-        Ok(boundary)
+        })
     }
 
-    fn copy_out<T: Pinned>(
+    fn copy_slice<T: Pinned>(
         &self,
         side: &Arc<CudaStream>,
         src: &CudaSlice<T>,
@@ -179,10 +204,60 @@ impl PinnedStore {
         end: usize,
         device: &CudaDevice,
     ) -> candle_core::Result<HostBuf> {
-        let mut buf = self.take::<T>(device, end - start)?;
-        side.memcpy_dtoh(&src.slice(start..end), &mut buf)
-            .map_err(driver)?;
+        let mut buf = self.buffer::<T>(device, end - start)?;
+        if let Err(e) = side.memcpy_dtoh(&src.slice(start..end), &mut buf) {
+            give_back(&self.pool, T::wrap(buf));
+            return Err(driver(e));
+        }
         Ok(T::wrap(buf))
+    }
+}
+
+impl BoundaryStore for PinnedStore {
+    type Kept = Arc<PinnedBoundary>;
+    type Reader = ();
+
+    fn put(&self, hidden: &Tensor, layer: &str) -> Result<Arc<PinnedBoundary>> {
+        let boundary = self
+            .copy_out(hidden)
+            .map_err(|e| transfer_error(layer, "copy the boundary to pinned host memory", e))?;
+        let boundary = Arc::new(boundary);
+        *lock(&self.last) = Some(Arc::clone(&boundary));
+        Ok(boundary)
+    }
+
+    fn bytes(kept: &Arc<PinnedBoundary>) -> u64 {
+        kept.bytes
+    }
+
+    fn reader(&self, _order: &[&Arc<PinnedBoundary>]) -> Result<()> {
+        Ok(())
+    }
+
+    fn prefetch(kept: &Arc<PinnedBoundary>, layer: &str) -> Result<()> {
+        kept.prefetch()
+            .map_err(|e| transfer_error(layer, "prefetch the boundary back to the GPU", e))
+    }
+
+    fn fetch(kept: Arc<PinnedBoundary>, (): &(), layer: &str) -> Result<Fetched> {
+        let started = Instant::now();
+        let (tensor, hit) = kept
+            .take()
+            .map_err(|e| transfer_error(layer, "copy the boundary back to the GPU", e))?;
+        Ok(Fetched {
+            tensor,
+            transfer: started.elapsed(),
+            waited: Some(!hit),
+        })
+    }
+}
+
+/// A driver error of the pinned store, naming the layer and a way out.
+fn transfer_error(layer: &str, action: &'static str, source: candle_core::Error) -> Error {
+    Error::HostTransfer {
+        layer: layer.to_owned(),
+        action,
+        source,
     }
 }
 
@@ -208,20 +283,17 @@ enum State {
 /// One boundary in pinned host memory.
 pub(crate) struct PinnedBoundary {
     shape: Shape,
+    bytes: u64,
     device: CudaDevice,
     side: Arc<CudaStream>,
-    pool: Arc<Mutex<Vec<HostBuf>>>,
+    pool: SharedPool,
     state: Mutex<State>,
 }
 
 impl PinnedBoundary {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Waits for the device-to-host copy and drops the device tensor.
     fn release_source(&self) -> candle_core::Result<()> {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if let State::Copying { copied, .. } = &*state {
             copied.synchronize().map_err(driver)?;
             if let State::Copying { buf, .. } = std::mem::replace(&mut *state, State::Taken) {
@@ -232,29 +304,23 @@ impl PinnedBoundary {
     }
 
     /// Issues the host-to-device copy on the side stream, so it overlaps the current backward.
-    pub(crate) fn prefetch(&self) -> candle_core::Result<()> {
+    fn prefetch(&self) -> candle_core::Result<()> {
         self.release_source()?;
-        let mut state = self.lock();
-        let State::OnHost(_) = &*state else {
-            return Ok(()); // already prefetched or taken
-        };
+        let mut state = lock(&self.state);
         let State::OnHost(buf) = std::mem::replace(&mut *state, State::Taken) else {
-            return Ok(());
+            return Ok(()); // already prefetched or taken: put nothing back
         };
         let compute = self.device.cuda_stream();
-        // The destination is allocated on the compute stream; the copy waits for it.
-        let (storage, buf) = match buf {
-            HostBuf::F32(b) => self.copy_in(&compute, b)?,
-            HostBuf::F64(b) => self.copy_in(&compute, b)?,
-            HostBuf::BF16(b) => self.copy_in(&compute, b)?,
-            HostBuf::F16(b) => self.copy_in(&compute, b)?,
+        let copied = match buf {
+            HostBuf::F32(b) => self.copy_in(&compute, b),
+            HostBuf::F64(b) => self.copy_in(&compute, b),
+            HostBuf::BF16(b) => self.copy_in(&compute, b),
+            HostBuf::F16(b) => self.copy_in(&compute, b),
         };
+        let (storage, buf) = copied?;
         let ready = self.side.record_event(None).map_err(driver)?;
         // The buffer's own event orders its reuse after this copy.
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(buf);
+        give_back(&self.pool, buf);
         *state = State::Prefetched { storage, ready };
         Ok(())
     }
@@ -264,44 +330,62 @@ impl PinnedBoundary {
         compute: &Arc<CudaStream>,
         buf: PinnedHostSlice<T>,
     ) -> candle_core::Result<(CudaStorage, HostBuf)> {
-        let mut dst = compute.alloc_zeros::<T>(buf.len()).map_err(driver)?;
-        self.side.join(compute).map_err(driver)?;
-        self.side.memcpy_htod(&buf, &mut dst).map_err(driver)?;
-        Ok((T::wrap_cuda_slice(dst, self.device.clone()), T::wrap(buf)))
+        // Allocated on the compute stream, where the tensor is used; the copy waits for it.
+        let copy = |buf: &PinnedHostSlice<T>| -> candle_core::Result<CudaSlice<T>> {
+            let mut dst = compute.alloc_zeros::<T>(buf.len()).map_err(driver)?;
+            self.side.join(compute).map_err(driver)?;
+            self.side.memcpy_htod(buf, &mut dst).map_err(driver)?;
+            Ok(dst)
+        };
+        match copy(&buf) {
+            Ok(dst) => Ok((T::wrap_cuda_slice(dst, self.device.clone()), T::wrap(buf))),
+            Err(e) => {
+                give_back(&self.pool, T::wrap(buf));
+                Err(e)
+            }
+        }
     }
 
-    /// The boundary on the device, ordered after its copy on the compute stream.
-    pub(crate) fn take(&self) -> candle_core::Result<Tensor> {
+    /// The boundary on the device, ordered after its copy on the compute stream, and whether
+    /// that copy had already completed (a prefetch hit: the compute stream does not wait).
+    fn take(&self) -> candle_core::Result<(Tensor, bool)> {
         self.prefetch()?;
-        let state = std::mem::replace(&mut *self.lock(), State::Taken);
+        let state = std::mem::replace(&mut *lock(&self.state), State::Taken);
         let State::Prefetched { storage, ready } = state else {
-            return Err(candle_core::Error::msg("pinned boundary taken twice"));
+            return Err(candle_core::Error::msg(
+                "internal: a pinned boundary was taken twice",
+            ));
         };
+        let hit = ready.try_is_complete().map_err(driver)?;
         self.device.cuda_stream().wait(&ready).map_err(driver)?;
-        Ok(Tensor::from_storage(
+        let tensor = Tensor::from_storage(
             Storage::Cuda(storage),
             self.shape.clone(),
             BackpropOp::none(),
             false,
-        ))
+        );
+        Ok((tensor, hit))
     }
 }
 
 impl Drop for PinnedBoundary {
     fn drop(&mut self) {
-        // Keep the buffer for later steps; an in-flight copy is waited for by the buffer's event.
-        let state = std::mem::replace(&mut *self.lock(), State::Taken);
+        // Keep the buffer for later steps. A copy still reading the device tensor must finish
+        // before the tensor is freed; a prefetched tensor is freed after its copy by cudarc.
+        let state = std::mem::replace(&mut *lock(&self.state), State::Taken);
         let buf = match state {
-            State::Copying { buf, copied, .. } => {
+            State::Copying {
+                buf,
+                copied,
+                _source: source,
+            } => {
                 let _ = copied.synchronize();
+                drop(source);
                 buf
             }
             State::OnHost(buf) => buf,
             State::Prefetched { .. } | State::Taken => return,
         };
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(buf);
+        give_back(&self.pool, buf);
     }
 }
