@@ -4,6 +4,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use checkpoint_runtime::{Checkpointer, DiskConfig, Error, Mode, Policy};
@@ -214,6 +216,49 @@ fn a_panic_mid_forward_removes_the_directory() -> Result<()> {
         fs::read_dir(&scratch.0)?.count(),
         0,
         "private directory left after a panic"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_panic_mid_backward_removes_every_file_and_leaves_the_engine_usable() -> Result<()> {
+    /// Panics the second time it runs: during the backward's recomputation.
+    #[derive(Clone)]
+    struct PanicOnRecompute(Arc<AtomicUsize>);
+    impl checkpoint_runtime::Layer for PanicOnRecompute {
+        fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("layer panicked during recompute");
+            }
+            x.tanh()
+        }
+    }
+    let scratch = Scratch::new("panic-backward")?;
+    let (layers, x) = stack(3, 8)?;
+    let ckpt = engine(&scratch.0);
+    let boom = PanicOnRecompute(Arc::default());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+        // The panicking stack runs first, so the backward has already collected the gradients
+        // of the second stack when it panics.
+        let y = ckpt.run(&boom, x.as_tensor(), ())?;
+        let y = ckpt.run_stack(&y, layers.iter().map(|l| (l, ())))?;
+        let _ = ckpt.backward(&y.sum_all()?);
+        Ok(())
+    }));
+    assert!(outcome.is_err(), "the layer's panic reaches the caller");
+    let dir = ckpt.disk_dir().expect("private directory");
+    assert_eq!(
+        fs::read_dir(&dir)?.count(),
+        0,
+        "files left behind after a panic in backward: {dir:?}"
+    );
+    // No partial gradients were kept: the next step runs and its gradients are complete.
+    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+    assert_eq!(ckpt.backward(&y.sum_all()?)?.get_ids().count(), 13);
+    drop((y, ckpt));
+    assert!(
+        !dir.exists(),
+        "private directory left after the engine was dropped"
     );
     Ok(())
 }

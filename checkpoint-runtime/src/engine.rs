@@ -158,6 +158,19 @@ impl Shared {
     }
 }
 
+/// Forgets what a backward collected if a panic unwinds through it, so that half a step's
+/// gradients are neither merged into the next step nor reported as uncollected by it.
+struct ForgetOnUnwind<'a>(&'a Shared);
+
+impl Drop for ForgetOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(&self.0.collected).clear();
+            *lock(&self.0.fault) = None;
+        }
+    }
+}
+
 impl Drop for Shared {
     fn drop(&mut self) {
         let left = lock(&self.collected).len();
@@ -363,6 +376,7 @@ impl Checkpointer {
         let shared = &self.shared;
         shared.check_collected()?;
         *lock(&shared.fault) = None;
+        let _unwinding = ForgetOnUnwind(shared);
         let raw = loss.backward();
         let collected = mem::take(&mut *lock(&shared.collected));
         let raw = match raw {
