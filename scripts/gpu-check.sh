@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of the Qwen2 example, for a CUDA machine with nvcc and no network, in one call of
-# at most 8 minutes: build with --features cuda, run `verify` on the fixture for every mode
-# (none, recompute, offload-host, offload-disk) and for a memory budget, a short training run
-# per mode, and print a table with the engine's boundary bytes and transfer time per mode.
+# at most 8 minutes: build with --features cuda, run the pinned host store's unit test, `verify`
+# on the fixture for every mode (none, recompute, offload-host, offload-disk) and for a memory
+# budget, a short training run per mode, and print a table with the engine's boundary bytes and
+# transfer time per mode.
 #
 # Crates must travel with the tree. On a machine with network, from the repository root:
 #
@@ -44,11 +45,14 @@ if [ ! -d vendor ] && [ -f vendor.tar.gz ]; then
     tar -xzf vendor.tar.gz || { echo "cannot unpack vendor.tar.gz"; exit 1; }
 fi
 
-cargo_args=(--offline --release -p qwen2)
+source_args=()
+if [ -d vendor ]; then
+    source_args=(--config 'source.crates-io.replace-with="vendored-sources"'
+                 --config 'source.vendored-sources.directory="vendor"')
+fi
+cargo_args=(--offline --release -p qwen2 "${source_args[@]}")
 [ -n "$features" ] && cargo_args+=(--features "$features")
 if [ -d vendor ]; then
-    cargo_args+=(--config 'source.crates-io.replace-with="vendored-sources"'
-                 --config 'source.vendored-sources.directory="vendor"')
     echo "crates: vendor/"
 else
     echo "crates: no vendor/ directory, using the local registry cache (see the header)"
@@ -86,6 +90,16 @@ where() {
 }
 
 declare -a rows
+
+# The pinned host store on its own: every dtype back bit for bit, buffers reused across steps.
+if [ -n "$features" ] && [ "$(left)" -ge 120 ]; then
+    echo "== pinned store test ($(left) s left)"
+    p=$(timeout $(( $(left) - 90 )) cargo test --offline --release -p checkpoint-runtime \
+        --features cuda "${source_args[@]}" --lib store::pinned -- --nocapture 2>&1)
+    prc=$?
+    printf '%s\n' "$p" | grep -E '^(test |step|F|BF|thread|error)|boundaries back' | tail -n 14
+    rows+=("pinned store|$(outcome $prc "$p" pass)|exact, 4 dtypes|(unit test)|||")
+fi
 for mode in none recompute offload-host offload-disk; do
     if [ "$(left)" -lt 20 ]; then rows+=("$mode|skipped (time)||||||"); continue; fi
     v=$(timeout 60 "$bin" verify --model "$fixture" --reference "$fixture/reference.safetensors" \

@@ -389,3 +389,62 @@ impl Drop for PinnedBoundary {
         give_back(&self.pool, buf);
     }
 }
+
+/// These need a GPU: they run with `--features cuda` (`scripts/gpu-check.sh`), never in CI.
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    /// Every dtype comes back bit for bit, in backward order with the next boundary prefetched,
+    /// and a second step reuses the first step's pinned buffers instead of allocating more.
+    #[test]
+    fn boundaries_come_back_exactly_and_buffers_are_reused() -> Result<()> {
+        let dev = Device::new_cuda(0)?;
+        let store = PinnedStore::default();
+        let base = Tensor::arange(0f32, 4096.0, &dev)?.reshape((2, 32, 64))?;
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let inputs: Vec<Tensor> = (0..3)
+                .map(|i| (&base * (0.5 + f64::from(i)))?.to_dtype(dtype))
+                .collect::<candle_core::Result<_>>()?;
+            let mut allocated = Vec::new();
+            for step in 0..2 {
+                let mut kept = inputs
+                    .iter()
+                    .map(|t| store.put(t, "layer"))
+                    .collect::<Result<Vec<_>>>()?;
+                assert!(
+                    kept.iter()
+                        .all(|k| PinnedStore::bytes(k) == tensor_bytes(&inputs[0]))
+                );
+                let mut hits = 0;
+                for input in inputs.iter().rev() {
+                    let boundary = kept.pop().ok_or(Error::Config("empty".into()))?;
+                    if let Some(next) = kept.last() {
+                        PinnedStore::prefetch(next, "layer")?;
+                    }
+                    let fetched = PinnedStore::fetch(boundary, &(), "layer")?;
+                    hits += u32::from(fetched.waited == Some(false));
+                    let back = fetched.tensor;
+                    assert!(back.device().same_device(&dev));
+                    assert_eq!((back.dims(), back.dtype()), (input.dims(), dtype));
+                    let diff = (back.to_dtype(DType::F64)? - input.to_dtype(DType::F64)?)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f64>()?;
+                    assert!(diff == 0.0, "{dtype:?}, step {step}: differs by {diff}");
+                }
+                let pool = lock(&store.pool);
+                assert!(pool.idle_bytes() <= pool.high_water());
+                allocated.push(pool.allocated());
+                println!("{dtype:?}, step {step}: {hits} of 3 boundaries back before use");
+            }
+            assert_eq!(
+                allocated[0], allocated[1],
+                "{dtype:?}: the second step allocated pinned buffers instead of reusing them"
+            );
+        }
+        Ok(())
+    }
+}

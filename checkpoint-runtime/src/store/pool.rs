@@ -20,6 +20,8 @@ pub(crate) struct Pool<B> {
     idle_bytes: u64,
     in_use: u64,
     high_water: u64,
+    /// Buffers allocated (not reused) so far.
+    allocated: u64,
 }
 
 impl<B> Default for Pool<B> {
@@ -29,6 +31,7 @@ impl<B> Default for Pool<B> {
             idle_bytes: 0,
             in_use: 0,
             high_water: 0,
+            allocated: 0,
         }
     }
 }
@@ -39,12 +42,17 @@ impl<B: Buffer> Pool<B> {
         let at = self.idle.iter().rposition(fits)?;
         let buf = self.idle.remove(at)?;
         self.idle_bytes -= buf.bytes();
-        self.lend(buf.bytes());
+        self.hand_out(buf.bytes());
         Some(buf)
     }
 
     /// Counts a freshly allocated buffer of `bytes` as handed out.
     pub(crate) fn lend(&mut self, bytes: u64) {
+        self.allocated += 1;
+        self.hand_out(bytes);
+    }
+
+    fn hand_out(&mut self, bytes: u64) {
         self.in_use += bytes;
         self.high_water = self.high_water.max(self.in_use);
     }
@@ -70,8 +78,20 @@ impl<B: Buffer> Pool<B> {
 
     /// Bytes of idle buffers.
     #[cfg(test)]
-    fn idle_bytes(&self) -> u64 {
+    pub(crate) fn idle_bytes(&self) -> u64 {
         self.idle_bytes
+    }
+
+    /// The most bytes handed out at once so far.
+    #[cfg(test)]
+    pub(crate) fn high_water(&self) -> u64 {
+        self.high_water
+    }
+
+    /// Buffers allocated (not reused) so far.
+    #[cfg(test)]
+    pub(crate) fn allocated(&self) -> u64 {
+        self.allocated
     }
 }
 
@@ -106,6 +126,7 @@ mod tests {
             let bufs: Vec<_> = (0..4).map(|_| take(&mut pool, 100)).collect();
             let reused = bufs.iter().filter(|(_, r)| *r).count();
             assert_eq!(reused, if step == 0 { 0 } else { 4 }, "step {step}");
+            assert_eq!(pool.allocated(), 4);
             for (b, _) in bufs {
                 assert!(pool.give_back(b).is_empty());
             }
@@ -141,6 +162,7 @@ mod tests {
         let b = take(&mut pool, 200).0;
         assert!(pool.give_back(a).is_empty());
         assert!(pool.give_back(b).is_empty());
+        assert_eq!(pool.high_water(), 500);
         // 500 B were in use at once: a 100 B buffer does not fit with both idle ones kept.
         let c = take(&mut pool, 100).0;
         let evicted = pool.give_back(c);
