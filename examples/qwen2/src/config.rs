@@ -115,6 +115,35 @@ impl Config {
         raw.validate()
     }
 
+    /// The `config.json` text of this configuration, in the spelling published Qwen2
+    /// checkpoints use (top-level `rope_theta`), readable by transformers and by
+    /// [`Config::from_json`].
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let value = serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": null,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": false,
+        });
+        // A `Value` always serialises.
+        format!("{value:#}\n")
+    }
+
     /// The small byte-level model that `qwen2 train` initialises at random: vocabulary 256,
     /// width 128, 4 layers, 4 query heads over 2 key/value heads, tied head.
     #[must_use]

@@ -10,10 +10,22 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A file could not be read or written.
+    /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
     Io {
         /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// A file of a checkpoint being saved could not be written.
+    #[error(
+        "cannot write {}: {source}. Fix: point --save at a writable directory with free space",
+        path.display()
+    )]
+    Write {
+        /// The file or directory.
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
@@ -131,6 +143,13 @@ impl From<checkpoint_runtime::Error> for Error {
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Write {
             path: path.into(),
             source,
         }

@@ -2,8 +2,9 @@
 //! trained through `checkpoint-runtime`'s engines.
 //!
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
-//! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`data`]
-//! (byte-level batches), [`train`] and [`verify`] (parity against a reference file).
+//! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
+//! back out), [`data`] (byte-level batches), [`train`] and [`verify`] (parity against a
+//! reference file).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -33,6 +34,7 @@ pub mod mlp;
 pub mod model;
 pub mod nn;
 pub mod rope;
+pub mod save;
 pub mod train;
 pub mod verify;
 

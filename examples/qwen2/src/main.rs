@@ -5,6 +5,7 @@
 //! qwen2 train --model DIR --checkpoint recompute
 //! qwen2 train --checkpoint offload-disk --offload-dir DIR --prefetch 2 --keep-last 1
 //! qwen2 train --checkpoint offload-host --budget-mib 64  # per-layer plan, printed once
+//! qwen2 train --save DIR                        # then: qwen2 train --model DIR
 //! qwen2 verify --model DIR --reference FILE [--checkpoint MODE]
 //! ```
 
@@ -121,6 +122,11 @@ struct TrainArgs {
     /// Seed of the random initialisation and of the batch sampler.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Write the trained model here as a Hugging Face checkpoint (config.json,
+    /// model.safetensors), loadable with --model. Weights only: a run from it starts AdamW and
+    /// the schedule afresh. The directory is checked before training starts.
+    #[arg(long, value_name = "DIR")]
+    save: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +187,9 @@ fn parse_dtype(arg: Option<&str>, device: &Device) -> Result<DType> {
 
 fn run_train(args: &TrainArgs) -> Result<()> {
     let options = args.policy.options()?;
+    if let Some(dir) = &args.save {
+        qwen2::save::prepare(dir)?;
+    }
     let device = device()?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
     let loaded = match &args.model {
@@ -239,6 +248,14 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     )?;
     println!("{summary}");
     println!("wall time {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(dir) = &args.save {
+        qwen2::save::save(dir, cfg, &loaded.varmap)?;
+        println!(
+            "saved {} to {}",
+            qwen2::save::FILES.join(" and "),
+            dir.display()
+        );
+    }
     Ok(())
 }
 

@@ -3,35 +3,15 @@
 //! misshapen tensors and for settings that are not implemented.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use checkpoint_tests::compare::max_abs_diff;
+use checkpoint_tests::temp::TempDir;
 use qwen2::error::TensorProblem;
 use qwen2::{Config, Error, loader};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("qwen2-loader-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const ROPE_TOP: &str = r#""rope_theta": 10000.0"#;
 const ROPE_NESTED: &str = r#""rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}"#;
@@ -88,11 +68,11 @@ fn both_rope_spellings_give_the_same_config() -> TestResult {
 #[test]
 fn loads_a_checkpoint_in_either_spelling_with_the_files_values() -> TestResult {
     for rope in [ROPE_TOP, ROPE_NESTED] {
-        let tmp = TempDir::new();
+        let tmp = TempDir::new("qwen2-loader")?;
         let json = config_json(rope, true, "");
         let tensors = weights(&json)?;
-        write(&tmp.0, &json, &tensors)?;
-        let loaded = load(&tmp.0)?;
+        write(tmp.path(), &json, &tensors)?;
+        let loaded = load(tmp.path())?;
         assert_trainable_copies(&loaded, &tensors)?;
     }
     Ok(())
@@ -117,7 +97,7 @@ fn assert_trainable_copies(
 
 #[test]
 fn names_every_missing_and_misshapen_tensor() -> TestResult {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("qwen2-loader")?;
     let json = config_json(ROPE_TOP, true, "");
     let mut tensors = weights(&json)?;
     tensors.remove("model.layers.1.mlp.up_proj.weight");
@@ -125,8 +105,8 @@ fn names_every_missing_and_misshapen_tensor() -> TestResult {
         "model.layers.0.self_attn.k_proj.bias".into(),
         Tensor::zeros(16, DType::F32, &Device::Cpu)?,
     );
-    write(&tmp.0, &json, &tensors)?;
-    let err = load(&tmp.0).err().ok_or("loading should fail")?;
+    write(tmp.path(), &json, &tensors)?;
+    let err = load(tmp.path()).err().ok_or("loading should fail")?;
     let message = err.to_string();
     let Error::Tensors { problems, .. } = err else {
         return Err(format!("unexpected error: {message}").into());
@@ -146,21 +126,21 @@ fn names_every_missing_and_misshapen_tensor() -> TestResult {
 
 #[test]
 fn untied_heads_need_lm_head_and_load_it() -> TestResult {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("qwen2-loader")?;
     let json = config_json(ROPE_TOP, false, "");
     let mut tensors = weights(&json)?;
     assert!(tensors.contains_key("lm_head.weight"));
-    write(&tmp.0, &json, &tensors)?;
+    write(tmp.path(), &json, &tensors)?;
     assert!(
-        load(&tmp.0)?
+        load(tmp.path())?
             .params
             .iter()
             .any(|(n, _)| n == "lm_head.weight")
     );
 
     tensors.remove("lm_head.weight");
-    write(&tmp.0, &json, &tensors)?;
-    let message = load(&tmp.0)
+    write(tmp.path(), &json, &tensors)?;
+    let message = load(tmp.path())
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -201,7 +181,7 @@ fn refuses_sliding_window_and_rope_scaling_naming_the_key() {
 
 #[test]
 fn reads_a_sharded_checkpoint() -> TestResult {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("qwen2-loader")?;
     let json = config_json(ROPE_TOP, true, "");
     let tensors = weights(&json)?;
     let (mut first, mut second) = (HashMap::new(), HashMap::new());
@@ -215,28 +195,28 @@ fn reads_a_sharded_checkpoint() -> TestResult {
         shard.insert(name.clone(), t.clone());
         weight_map.insert(name.clone(), file.into());
     }
-    candle_core::safetensors::save(&first, tmp.0.join("model-00001-of-00002.safetensors"))?;
-    candle_core::safetensors::save(&second, tmp.0.join("model-00002-of-00002.safetensors"))?;
+    candle_core::safetensors::save(&first, tmp.path().join("model-00001-of-00002.safetensors"))?;
+    candle_core::safetensors::save(&second, tmp.path().join("model-00002-of-00002.safetensors"))?;
     let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
     std::fs::write(
-        tmp.0.join("model.safetensors.index.json"),
+        tmp.path().join("model.safetensors.index.json"),
         index.to_string(),
     )?;
-    std::fs::write(tmp.0.join("config.json"), &json)?;
-    let loaded = load(&tmp.0)?;
+    std::fs::write(tmp.path().join("config.json"), &json)?;
+    let loaded = load(tmp.path())?;
     assert_trainable_copies(&loaded, &tensors)
 }
 
 #[test]
 fn converts_a_bf16_file_into_f32_variables() -> TestResult {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("qwen2-loader")?;
     let json = config_json(ROPE_NESTED, true, "");
     let tensors: HashMap<String, Tensor> = weights(&json)?
         .into_iter()
         .map(|(n, t)| t.to_dtype(DType::BF16).map(|t| (n, t)))
         .collect::<candle_core::Result<_>>()?;
-    write(&tmp.0, &json, &tensors)?;
-    let loaded = load(&tmp.0)?;
+    write(tmp.path(), &json, &tensors)?;
+    let loaded = load(tmp.path())?;
     for (name, var) in &loaded.params {
         assert_eq!(var.dtype(), DType::F32, "{name}");
         let expected = tensors[name].to_dtype(DType::F32)?;
@@ -247,9 +227,12 @@ fn converts_a_bf16_file_into_f32_variables() -> TestResult {
 
 #[test]
 fn a_directory_without_weights_is_a_clear_error() -> TestResult {
-    let tmp = TempDir::new();
-    std::fs::write(tmp.0.join("config.json"), config_json(ROPE_TOP, true, ""))?;
-    let message = load(&tmp.0)
+    let tmp = TempDir::new("qwen2-loader")?;
+    std::fs::write(
+        tmp.path().join("config.json"),
+        config_json(ROPE_TOP, true, ""),
+    )?;
+    let message = load(tmp.path())
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();

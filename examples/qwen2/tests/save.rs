@@ -1,0 +1,135 @@
+//! Saving a trained model: the checkpoint loads back exactly, in the loader's own format, and a
+//! `--save` directory that cannot be written is named before any training starts.
+
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use checkpoint_tests::compare::max_abs_diff;
+use checkpoint_tests::temp::TempDir;
+use qwen2::{Config, Error, loader, save};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn untied() -> Config {
+    Config {
+        tie_word_embeddings: false,
+        rope_theta: 1_000_000.0,
+        ..Config::tiny_bytes()
+    }
+}
+
+#[test]
+fn config_json_reads_back_as_the_same_config() -> TestResult {
+    for cfg in [Config::tiny_bytes(), untied()] {
+        assert_eq!(Config::from_json(&cfg.to_json())?, cfg);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_saved_model_loads_back_exactly() -> TestResult {
+    for cfg in [Config::tiny_bytes(), untied()] {
+        let tmp = TempDir::new("qwen2-save")?;
+        let model = loader::random(&cfg, 7, DType::F32, &Device::Cpu)?;
+        // Stand in for training: move every weight away from its initialisation.
+        for (_, var) in &model.params {
+            var.set(&(var.as_tensor() * 0.5)?.affine(1.0, 0.25)?)?;
+        }
+        save::save(tmp.path(), &cfg, &model.varmap)?;
+        // Saving again replaces the checkpoint and leaves no partial file behind.
+        save::save(tmp.path(), &cfg, &model.varmap)?;
+        let mut files: Vec<String> = std::fs::read_dir(tmp.path())?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        files.sort();
+        assert_eq!(files, save::FILES);
+
+        let back = loader::load(tmp.path(), DType::F32, &Device::Cpu)?;
+        assert_eq!(back.config, cfg);
+        assert!(back.unused.is_empty(), "unused tensors: {:?}", back.unused);
+        assert_eq!(back.params.len(), model.params.len());
+        for ((name, saved), (name_back, loaded)) in model.params.iter().zip(&back.params) {
+            assert_eq!(name, name_back);
+            let diff = max_abs_diff(saved.as_tensor(), loaded.as_tensor())?;
+            assert!(
+                diff == 0.0,
+                "{name}: differs by {diff} after a save and a load"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn an_unwritable_save_directory_is_named() -> TestResult {
+    let tmp = TempDir::new("qwen2-save-bad")?;
+    // A path under a regular file cannot be a directory, even for root.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"")?;
+    let dir = file.join("checkpoint");
+    let err = save::prepare(&dir).expect_err("a directory under a file");
+    assert!(
+        matches!(&err, Error::Write { path, .. } if path == &dir),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--save"), "{err}");
+    Ok(())
+}
+
+/// The CLI end to end: `train --save DIR` writes a checkpoint of the trained weights, which
+/// `train --model DIR` trains further; a bad `--save` fails before training.
+#[test]
+fn the_cli_saves_what_it_trained() -> TestResult {
+    let tmp = TempDir::new("qwen2-save-cli")?;
+    let dir = tmp.path().join("trained");
+    let train = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qwen2"))
+            .args(["train", "--steps", "2", "--batch", "2", "--seq-len", "32"])
+            .args(extra)
+            .output()
+    };
+    let dir_arg = dir.to_str().ok_or("temp path is not UTF-8")?;
+    let out = train(&["--save", dir_arg])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("saved config.json and model.safetensors")
+    );
+
+    let init = loader::random(&Config::tiny_bytes(), 1234, DType::F32, &Device::Cpu)?;
+    let trained = loader::load(&dir, DType::F32, &Device::Cpu)?;
+    assert_eq!(trained.config, Config::tiny_bytes());
+    let moved = init
+        .params
+        .iter()
+        .zip(&trained.params)
+        .map(|((_, a), (_, b))| max_abs_diff(a.as_tensor(), b.as_tensor()))
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    assert!(
+        moved.iter().all(|&d| d > 0.0),
+        "untrained tensors were saved: {moved:?}"
+    );
+
+    let out = train(&["--model", dir_arg])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let blocked = tmp.path().join("a-file");
+    std::fs::write(&blocked, b"")?;
+    let bad = blocked.join("out");
+    let out = train(&["--save", bad.to_str().ok_or("temp path is not UTF-8")?])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Refused before the first step: no progress line was printed.
+    assert!(
+        stderr.contains("cannot write") && !stderr.contains("] step"),
+        "{stderr}"
+    );
+    Ok(())
+}
