@@ -127,6 +127,9 @@ struct TrainArgs {
     /// the schedule afresh. The directory is checked before training starts.
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
+    /// With --save: also save every N steps, so that a long run that stops keeps its progress.
+    #[arg(long, value_name = "N", requires = "save")]
+    save_every: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +241,12 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     };
     let ckpt = options.checkpointer()?;
     let started = Instant::now();
+    let save_now = |done: usize| match (&args.save, args.save_every) {
+        (Some(dir), Some(every)) if done.is_multiple_of(every) && done < args.steps => {
+            qwen2::save::save(dir, cfg, &loaded.varmap)
+        }
+        _ => Ok(()),
+    };
     let summary = qwen2::train::train(
         &loaded.model,
         &loaded.params,
@@ -245,6 +254,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         &ckpt,
         &train_cfg,
         &device,
+        save_now,
     )?;
     println!("{summary}");
     println!("wall time {:.1} s", started.elapsed().as_secs_f64());

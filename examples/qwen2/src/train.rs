@@ -281,11 +281,12 @@ impl std::fmt::Display for Summary {
 }
 
 /// Trains `model` (whose parameters are `params`) on batches from `data`, every stack through
-/// `ckpt`. Prints a progress line to stderr.
+/// `ckpt`. Prints a progress line to stderr and calls `after_step` with the number of steps
+/// done after each optimizer step (to save the model, say).
 ///
 /// # Errors
-/// A candle or engine error (naming the layer), a non-finite loss, or a parameter that receives
-/// no gradient (checked on the first step).
+/// A candle or engine error (naming the layer), a non-finite loss, a parameter that receives
+/// no gradient (checked on the first step), or the error of `after_step`.
 pub fn train(
     model: &Qwen2,
     params: &[(String, Var)],
@@ -293,6 +294,7 @@ pub fn train(
     ckpt: &Checkpointer,
     cfg: &TrainConfig,
     device: &Device,
+    mut after_step: impl FnMut(usize) -> Result<()>,
 ) -> Result<Summary> {
     let (matrices, vectors): (Vec<Var>, Vec<Var>) = params
         .iter()
@@ -358,8 +360,9 @@ pub fn train(
         #[allow(clippy::cast_precision_loss)]
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         progress.update(step + 1, loss, lr, norm, tps, gpu);
+        after_step(step + 1)?;
     }
-    progress.finish();
+    drop(progress);
     Ok(Summary {
         mode: ckpt.mode(),
         losses,
@@ -463,10 +466,12 @@ pub fn fmt_bytes(bytes: Option<u64>) -> String {
     )
 }
 
-/// A one-line progress bar on a terminal, one line per step otherwise.
+/// A one-line progress bar on a terminal, one line per step otherwise. Dropping it ends the
+/// bar's line, so that what follows (the summary, or an error) starts on a line of its own.
 struct Progress {
     total: usize,
     tty: bool,
+    drawn: bool,
 }
 
 impl Progress {
@@ -474,6 +479,7 @@ impl Progress {
         Self {
             total,
             tty: std::io::stderr().is_terminal(),
+            drawn: false,
         }
     }
 
@@ -503,6 +509,7 @@ impl Progress {
             writeln!(err, "{line}")
         };
         let _ = err.flush();
+        self.drawn = true;
     }
 
     /// Clears the progress line on a terminal so that other output starts on a clean line.
@@ -511,9 +518,11 @@ impl Progress {
             eprint!("\r\x1b[K");
         }
     }
+}
 
-    fn finish(&self) {
-        if self.tty {
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.tty && self.drawn {
             eprintln!();
         }
     }

@@ -248,7 +248,15 @@ fn a_short_training_run_lowers_the_loss() -> TestResult {
         ..TrainConfig::default()
     };
     let ckpt = Checkpointer::new(Policy::recompute());
-    let summary = train(&loaded.model, &loaded.params, &mut data, &ckpt, &cfg, &dev)?;
+    let summary = train(
+        &loaded.model,
+        &loaded.params,
+        &mut data,
+        &ckpt,
+        &cfg,
+        &dev,
+        |_| Ok(()),
+    )?;
     let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
     assert!(last < first, "loss {first} -> {last}");
     assert_eq!(summary.stats.stacks, 8, "{}", summary.stats);
@@ -277,7 +285,15 @@ fn disk_offload_trains_exactly_like_the_plain_graph() -> TestResult {
         let loaded = loader::load(&fixture(), DType::F32, &dev)?;
         let mut data = ByteDataset::new(&text, 24, loaded.config.vocab_size, 7)?;
         let ckpt = options.checkpointer()?;
-        let summary = train(&loaded.model, &loaded.params, &mut data, &ckpt, &cfg, &dev)?;
+        let summary = train(
+            &loaded.model,
+            &loaded.params,
+            &mut data,
+            &ckpt,
+            &cfg,
+            &dev,
+            |_| Ok(()),
+        )?;
         runs.push(summary);
     }
     let (plain, disk) = (&runs[0], &runs[1]);

@@ -3,9 +3,12 @@
 
 use std::process::Command;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use checkpoint_runtime::{Checkpointer, Policy};
 use checkpoint_tests::compare::max_abs_diff;
 use checkpoint_tests::temp::TempDir;
+use qwen2::data::{BUNDLED_TEXT, ByteDataset};
+use qwen2::train::{TrainConfig, train};
 use qwen2::{Config, Error, loader, save};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -60,6 +63,56 @@ fn a_saved_model_loads_back_exactly() -> TestResult {
     Ok(())
 }
 
+/// A run that stops after a periodic save keeps exactly the weights of that step.
+#[test]
+fn a_run_that_stops_keeps_its_last_periodic_save() -> TestResult {
+    let tmp = TempDir::new("qwen2-save-periodic")?;
+    let cfg = Config::tiny_bytes();
+    let dev = Device::Cpu;
+    let model = loader::random(&cfg, 3, DType::F32, &dev)?;
+    let mut data = ByteDataset::new(BUNDLED_TEXT, 32, cfg.vocab_size, 3)?;
+    let run = TrainConfig {
+        steps: 4,
+        batch: 2,
+        ..TrainConfig::default()
+    };
+    let mut at_save: Vec<Tensor> = Vec::new();
+    let stopped = train(
+        &model.model,
+        &model.params,
+        &mut data,
+        &Checkpointer::new(Policy::recompute()),
+        &run,
+        &dev,
+        |done| match done {
+            2 => {
+                at_save = model
+                    .params
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?;
+                save::save(tmp.path(), &cfg, &model.varmap)
+            }
+            3 => Err(Error::Data("stopped at step 3".into())),
+            _ => Ok(()),
+        },
+    );
+    assert!(matches!(stopped, Err(Error::Data(m)) if m.contains("step 3")));
+    let back = loader::load(tmp.path(), DType::F32, &dev)?;
+    assert_eq!(at_save.len(), back.params.len());
+    for ((name, loaded), saved) in back.params.iter().zip(&at_save) {
+        let diff = max_abs_diff(saved, loaded.as_tensor())?;
+        assert!(
+            diff == 0.0,
+            "{name}: the checkpoint differs from step 2 by {diff}"
+        );
+    }
+    // The run went on past the save: the model's weights moved again at step 3.
+    let moved = max_abs_diff(&at_save[0], model.params[0].1.as_tensor())?;
+    assert!(moved > 0.0);
+    Ok(())
+}
+
 #[test]
 fn an_unwritable_save_directory_is_named() -> TestResult {
     let tmp = TempDir::new("qwen2-save-bad")?;
@@ -82,14 +135,14 @@ fn an_unwritable_save_directory_is_named() -> TestResult {
 fn the_cli_saves_what_it_trained() -> TestResult {
     let tmp = TempDir::new("qwen2-save-cli")?;
     let dir = tmp.path().join("trained");
-    let train = |extra: &[&str]| {
+    let cli = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_qwen2"))
             .args(["train", "--steps", "2", "--batch", "2", "--seq-len", "32"])
             .args(extra)
             .output()
     };
     let dir_arg = dir.to_str().ok_or("temp path is not UTF-8")?;
-    let out = train(&["--save", dir_arg])?;
+    let out = cli(&["--save", dir_arg])?;
     assert!(
         out.status.success(),
         "{}",
@@ -113,7 +166,7 @@ fn the_cli_saves_what_it_trained() -> TestResult {
         "untrained tensors were saved: {moved:?}"
     );
 
-    let out = train(&["--model", dir_arg])?;
+    let out = cli(&["--model", dir_arg])?;
     assert!(
         out.status.success(),
         "{}",
@@ -123,7 +176,7 @@ fn the_cli_saves_what_it_trained() -> TestResult {
     let blocked = tmp.path().join("a-file");
     std::fs::write(&blocked, b"")?;
     let bad = blocked.join("out");
-    let out = train(&["--save", bad.to_str().ok_or("temp path is not UTF-8")?])?;
+    let out = cli(&["--save", bad.to_str().ok_or("temp path is not UTF-8")?])?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Refused before the first step: no progress line was printed.
