@@ -159,3 +159,55 @@ fn an_integer_carry_is_rejected_with_the_mode() -> Result<()> {
     assert!(err.to_string().contains("float tensor"), "{err}");
     Ok(())
 }
+
+/// A stack whose output is a keyword argument of a stack with several segments: each segment's
+/// backward reaches the first stack again. That is refused with an error that says so (not
+/// "backward ran twice"), and with one segment it is exact.
+#[test]
+fn a_stack_feeding_a_keyword_argument_of_a_segmented_stack_is_named() -> Result<()> {
+    #[derive(Clone)]
+    struct Memory(Tensor);
+    impl checkpoint_runtime::Kwargs for Memory {}
+    #[derive(Clone)]
+    struct Decoder(MlpBlock);
+    impl Layer<Memory> for Decoder {
+        fn forward_checkpointed(&self, x: &Tensor, memory: &Memory) -> Result<Tensor> {
+            self.0.forward_checkpointed(&(x + &memory.0)?, &())
+        }
+    }
+    let (encoder, x) = stack(2)?;
+    let (decoder, _) = stack(3)?;
+    let decoder: Vec<Decoder> = decoder.into_iter().map(Decoder).collect();
+    let run = |policy: Policy| -> checkpoint_runtime::Result<candle_core::backprop::GradStore> {
+        let ckpt = Checkpointer::new(policy);
+        let memory = ckpt.run_stack(x.as_tensor(), encoder.iter().map(|l| (l, ())))?;
+        let y = ckpt.run_stack(
+            x.as_tensor(),
+            decoder.iter().map(|l| (l, Memory(memory.clone()))),
+        )?;
+        ckpt.backward(&y.sqr()?.sum_all()?)
+    };
+    let err = run(Policy::recompute()).expect_err("three decoder segments");
+    assert!(
+        matches!(err, Error::StackInKeywordArgument { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("layer 0 (`MlpBlock::forward`)") && msg.contains("Policy::segments"),
+        "{msg}"
+    );
+    // One decoder segment: each stack's backward runs once, and the gradients are exact.
+    let plain = run(Policy::none())?;
+    let single = run(Policy::recompute().segments(3))?;
+    for var in encoder.iter().flat_map(MlpBlock::vars) {
+        let (a, b) = (plain.get(var.as_tensor()), single.get(var.as_tensor()));
+        let (a, b) = (
+            a.expect("plain gradient"),
+            b.expect("checkpointed gradient"),
+        );
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff == 0.0, "encoder gradient differs by {diff}");
+    }
+    Ok(())
+}

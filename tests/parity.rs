@@ -24,7 +24,16 @@ fn step<L: Layer<K>, K: Kwargs + Clone>(
     kwargs: &K,
     input: &Tensor,
 ) -> Result<Step> {
-    let ckpt = Checkpointer::new(policy);
+    step_with(&Checkpointer::new(policy), layers, kwargs, input)
+}
+
+/// [`step`] through a given engine.
+fn step_with<L: Layer<K>, K: Kwargs + Clone>(
+    ckpt: &Checkpointer,
+    layers: &[L],
+    kwargs: &K,
+    input: &Tensor,
+) -> Result<Step> {
     let output = ckpt.run_stack(input, layers.iter().map(|l| (l, kwargs.clone())))?;
     let weights = Tensor::arange(
         0u32,
@@ -252,5 +261,50 @@ fn trainable_keyword_arguments_get_their_gradients() -> Result<()> {
     let err = rel_err(&grad(&ckpt)?, &grad(&plain)?)?;
     assert!(err < 1e-6, "bias gradient off by {err:e}");
     assert_eq!(ckpt.grads.get_ids().count(), params.len() + 1);
+    Ok(())
+}
+
+/// A layer that runs a stack of its own through the same engine: the inner stack runs again
+/// inside the outer stack's recomputed segments, and the gradients are still the plain graph's.
+#[test]
+fn a_stack_nested_in_a_layer_matches_none_exactly() -> Result<()> {
+    #[derive(Clone)]
+    struct Outer {
+        inner: Vec<MlpBlock>,
+        ckpt: Option<Checkpointer>,
+    }
+    impl Layer for Outer {
+        fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+            match &self.ckpt {
+                Some(ckpt) => Ok(ckpt.run_stack(x, self.inner.iter().map(|l| (l, ())))?),
+                None => self
+                    .inner
+                    .iter()
+                    .try_fold(x.clone(), |h, l| l.forward_checkpointed(&h, &())),
+            }
+        }
+    }
+    let (inner, params) = mlp_stack(6, 8, DType::F32)?;
+    let x = Init::new(5).var((2, 8), 1.0, DType::F32, &Device::Cpu)?;
+    let outers = |ckpt: Option<&Checkpointer>| -> Vec<Outer> {
+        inner
+            .chunks(2)
+            .map(|c| Outer {
+                inner: c.to_vec(),
+                ckpt: ckpt.cloned(),
+            })
+            .collect()
+    };
+    let plain = step(Policy::none(), &outers(None), &(), x.as_tensor())?;
+    for policy in [Policy::recompute(), Policy::new(Mode::OffloadDisk)] {
+        let ckpt = Checkpointer::new(policy.clone());
+        let nested = step_with(&ckpt, &outers(Some(&ckpt)), &(), x.as_tensor())?;
+        assert_eq!(
+            max_grad_diff(&plain.grads, &nested.grads, &params)?,
+            0.0,
+            "{policy:?}"
+        );
+        assert_eq!(nested.grads.get_ids().count(), params.len() + 1);
+    }
     Ok(())
 }

@@ -92,14 +92,22 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
 
     fn backward(&self, grad: &Tensor) -> crate::Result<Tensor> {
         let mode = self.shared.policy.mode();
+        // Inside another stack's backward (its recomputed segment reaches this stack through a
+        // keyword argument, or runs it as a nested stack).
+        let nested = self.shared.backward_depth() > 0;
+        let _depth = self.shared.enter_backward();
         let stack = self
             .stack
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
-            .ok_or_else(|| Error::BackwardTwice {
-                layer: describe::<L, K>(0),
-                mode,
+            .ok_or_else(|| {
+                let layer = describe::<L, K>(0);
+                if nested {
+                    Error::StackInKeywordArgument { layer, mode }
+                } else {
+                    Error::BackwardTwice { layer, mode }
+                }
             })?;
         let Stack { calls, saved } = stack;
         // The boundaries, in the order this backward takes them (disk files are loaded ahead).

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::mem;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::backprop::GradStore;
@@ -74,6 +75,17 @@ pub(crate) struct Shared {
     /// Budget plans from probe steps, per stack length and carry shape: a longer batch
     /// needs more memory, so it is measured anew.
     plans: Mutex<HashMap<(usize, Vec<usize>), BudgetPlan>>,
+    /// How many stack backwards are running (more than one: nested in a recomputed segment).
+    depth: AtomicUsize,
+}
+
+/// Counts one stack backward for as long as it runs, unwinding included.
+pub(crate) struct BackwardDepth<'a>(&'a AtomicUsize);
+
+impl Drop for BackwardDepth<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +150,17 @@ impl Shared {
             *fault = Some(err);
         }
         message
+    }
+
+    /// How many stack backwards are running now.
+    pub(crate) fn backward_depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Counts a stack backward until the returned guard drops.
+    pub(crate) fn enter_backward(&self) -> BackwardDepth<'_> {
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        BackwardDepth(&self.depth)
     }
 
     pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
@@ -206,6 +229,7 @@ impl Checkpointer {
                 stats: Mutex::default(),
                 stores: Stores::new(disk),
                 plans: Mutex::default(),
+                depth: AtomicUsize::new(0),
             }),
         }
     }
@@ -263,7 +287,11 @@ impl Checkpointer {
         I: IntoIterator<Item = (&'a L, K)>,
     {
         let shared = &self.shared;
-        shared.check_collected()?;
+        // A stack run while a recomputed segment runs (a stack nested in a layer) belongs to
+        // that backward, whose gradients are being collected: they are not left over.
+        if shared.backward_depth() == 0 {
+            shared.check_collected()?;
+        }
         let calls: Vec<(L, K)> = calls
             .into_iter()
             .map(|(layer, kwargs)| (layer.clone(), kwargs))

@@ -46,6 +46,21 @@ pub enum Error {
         mode: Mode,
     },
 
+    /// A stack's output reaches the loss through a keyword argument of another checkpointed
+    /// stack that has more than one segment: each segment's backward would need it again.
+    #[error(
+        "the checkpointed stack starting at {layer} (mode {mode}) feeds a keyword argument of \
+         another checkpointed stack, whose segments each run their own backward; the first one \
+         already consumed this stack's boundaries. Fix: run one of the two stacks with \
+         Mode::None, or keep the other stack in a single segment (Policy::segments(len))"
+    )]
+    StackInKeywordArgument {
+        /// The first layer of the stack whose output is a keyword argument.
+        layer: String,
+        /// The mode that stack was run in.
+        mode: Mode,
+    },
+
     /// Recomputation produced parameter gradients that nobody collected.
     #[error(
         "{count} parameter gradient(s) computed while recomputing checkpointed layers were never \
