@@ -178,15 +178,18 @@ fn a_stack_feeding_a_keyword_argument_of_a_segmented_stack_is_named() -> Result<
     let (encoder, x) = stack(2)?;
     let (decoder, _) = stack(3)?;
     let decoder: Vec<Decoder> = decoder.into_iter().map(Decoder).collect();
-    let run = |policy: Policy| -> checkpoint_runtime::Result<candle_core::backprop::GradStore> {
+    fn step(
+        policy: Policy,
+        encoder: &[MlpBlock],
+        decoder: &[Decoder],
+        x: &Tensor,
+    ) -> checkpoint_runtime::Result<candle_core::backprop::GradStore> {
         let ckpt = Checkpointer::new(policy);
-        let memory = ckpt.run_stack(x.as_tensor(), encoder.iter().map(|l| (l, ())))?;
-        let y = ckpt.run_stack(
-            x.as_tensor(),
-            decoder.iter().map(|l| (l, Memory(memory.clone()))),
-        )?;
+        let memory = ckpt.run_stack(x, encoder.iter().map(|l| (l, ())))?;
+        let y = ckpt.run_stack(x, decoder.iter().map(|l| (l, Memory(memory.clone()))))?;
         ckpt.backward(&y.sqr()?.sum_all()?)
-    };
+    }
+    let run = |policy| step(policy, &encoder, &decoder, x.as_tensor());
     let err = run(Policy::recompute()).expect_err("three decoder segments");
     assert!(
         matches!(err, Error::StackInKeywordArgument { .. }),

@@ -45,7 +45,7 @@ pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
                 layer: describe::<L, K>(index),
                 phase,
                 mode,
-                source,
+                source: Box::new(source),
             })?;
         // In the checkpointed forward nothing needs this layer's graph: drop it at once.
         hidden = if detach_each { out.detach() } else { out };

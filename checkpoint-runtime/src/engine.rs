@@ -365,7 +365,7 @@ impl Checkpointer {
                     layer: describe::<L, K>(index),
                     phase: "probe",
                     mode,
-                    source,
+                    source: Box::new(source),
                 })?;
             costs.push(LayerCost {
                 forward: started.elapsed(),

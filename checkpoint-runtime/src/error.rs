@@ -29,8 +29,8 @@ pub enum Error {
         phase: &'static str,
         /// The engine's mode for that layer.
         mode: Mode,
-        /// What went wrong.
-        source: candle_core::Error,
+        /// What went wrong (boxed: it is large, and errors travel in every result).
+        source: Box<candle_core::Error>,
     },
 
     /// A second backward pass reached a checkpointed stack whose boundaries the first one released.
@@ -115,8 +115,8 @@ pub enum Error {
         layer: String,
         /// What the engine was doing.
         action: &'static str,
-        /// The driver's error.
-        source: candle_core::Error,
+        /// The driver's error (boxed: it is large, and errors travel in every result).
+        source: Box<candle_core::Error>,
     },
 
     /// A policy or configuration that cannot be run.
@@ -137,14 +137,12 @@ impl From<Error> for candle_core::Error {
 mod tests {
     use super::Error;
 
-    /// Errors travel in every `Result` of the engine: keep them small (clippy's
-    /// `result_large_err` draws the line at 128 bytes).
+    /// Errors travel in every `Result` of the engine and of the code that calls it: keep them
+    /// under 128 bytes, where clippy's `result_large_err` starts to flag every function
+    /// returning them, in the caller's crate too.
     #[test]
     fn the_error_stays_small() {
-        assert!(
-            std::mem::size_of::<Error>() <= 128,
-            "{}",
-            std::mem::size_of::<Error>()
-        );
+        let size = std::mem::size_of::<Error>();
+        assert!(size < 128, "{size}");
     }
 }

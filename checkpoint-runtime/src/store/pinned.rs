@@ -257,7 +257,7 @@ fn transfer_error(layer: &str, action: &'static str, source: candle_core::Error)
     Error::HostTransfer {
         layer: layer.to_owned(),
         action,
-        source,
+        source: Box::new(source),
     }
 }
 
