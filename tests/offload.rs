@@ -133,7 +133,7 @@ fn budget_plans_match_none_exactly() -> Result<()> {
     // Keep half the graphs; recompute all but one graph; offload half the boundaries.
     for (mode, budget) in [
         (Mode::Recompute, everything / 2),
-        (Mode::OffloadHost, everything / 6 + boundaries),
+        (Mode::OffloadDisk, everything / 6 + boundaries),
         (Mode::OffloadDisk, boundaries / 2),
     ] {
         let policy = Policy::new(mode).budget(budget);
@@ -156,6 +156,26 @@ fn budget_plans_match_none_exactly() -> Result<()> {
             plan.placements
         );
     }
+    Ok(())
+}
+
+/// On a CPU device host memory is the device's memory: a budget in offload-host could only be
+/// met on paper, so it is refused with the way out.
+#[test]
+fn a_host_offload_budget_on_the_cpu_is_refused() -> Result<()> {
+    let f = fixture(2)?;
+    let ckpt = Checkpointer::new(Policy::new(Mode::OffloadHost).budget(0));
+    let err = ckpt
+        .run_stack(
+            f.x.as_tensor(),
+            f.layers.iter().map(|l| (l, f.kwargs.clone())),
+        )
+        .expect_err("nothing can fit a budget of 0 on the CPU");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("offload-host") && msg.contains("CPU") && msg.contains("offload-disk"),
+        "{msg}"
+    );
     Ok(())
 }
 

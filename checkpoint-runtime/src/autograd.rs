@@ -84,7 +84,9 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
         let (storage, layout) = output.storage_and_layout();
         let src = pick(&storage).ok_or_else(|| {
             candle_core::Error::msg(
-                "checkpoint stack output lives on another device than its input",
+                "the output of a checkpointed stack lives on another device than its input: \
+                 every layer of a stack must keep the carry on the device it came in on; move \
+                 it between devices outside the stack",
             )
         })?;
         Ok((copy_contiguous(src, layout)?, layout.shape().clone()))

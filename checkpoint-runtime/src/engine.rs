@@ -312,7 +312,11 @@ impl Checkpointer {
         }
         if !carry.dtype().is_float() {
             return Err(Error::Config(format!(
-                "the carry of a checkpointed stack must be a float tensor, got {:?} (mode {mode})",
+                "the carry of the checkpointed stack starting at {} (mode {mode}) is a {:?} \
+                 tensor, but gradients flow only through float tensors: pass the float hidden \
+                 states as the carry (token ids belong in a keyword argument), or run the stack \
+                 with Mode::None",
+                describe::<L, K>(0),
                 carry.dtype()
             )));
         }
@@ -354,6 +358,14 @@ impl Checkpointer {
             return Ok(plan.segments());
         }
         let mode = self.mode();
+        if mode == Mode::OffloadHost && carry.device().is_cpu() {
+            return Err(Error::Config(format!(
+                "a memory budget in mode {mode} on a CPU device: host memory is the CPU's own \
+                 memory, so offloading to it frees nothing and no plan could honestly fit. Use \
+                 offload-disk (or recompute) for a budget on the CPU; offload-host budgets are \
+                 for GPUs"
+            )));
+        }
         let mut hidden = carry.detach();
         let mut costs = Vec::with_capacity(calls.len());
         for (index, (layer, kwargs)) in calls.iter().enumerate() {

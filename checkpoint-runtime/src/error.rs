@@ -25,7 +25,8 @@ pub enum Error {
     Layer {
         /// The layer: its position in the stack, type and method.
         layer: String,
-        /// `forward` or `recompute`.
+        /// `forward`, `recompute`, or `probe` (a budget policy measuring the layer on its first
+        /// step).
         phase: &'static str,
         /// The engine's mode for that layer.
         mode: Mode,

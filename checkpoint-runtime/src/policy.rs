@@ -181,7 +181,9 @@ impl Policy {
     /// Fit the bytes a stack keeps between forward and backward into `bytes`: the engine measures
     /// each layer on the first step (a probe) and then keeps, recomputes or offloads (never
     /// beyond this policy's mode) per layer; see [`plan_budget`](crate::plan_budget). Replaces
-    /// the segment, first and keep-last settings.
+    /// the segment, first and keep-last settings. A stack of another length or carry shape is
+    /// measured and planned anew. On a CPU device a budget in [`Mode::OffloadHost`] is refused
+    /// (host memory is the device's memory there): use [`Mode::OffloadDisk`].
     #[must_use]
     pub const fn budget(mut self, bytes: u64) -> Self {
         self.budget = Some(bytes);

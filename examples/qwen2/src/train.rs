@@ -84,6 +84,18 @@ impl CheckpointOptions {
                 );
             }
         }
+        if self.segment == 0 {
+            return refuse(
+                "--segment 0",
+                "a segment holds at least one layer (1 checkpoints every layer)",
+            );
+        }
+        if self.prefetch == 0 {
+            return refuse(
+                "--prefetch 0",
+                "the reader loads at least the next boundary; give 1 or more",
+            );
+        }
         if self.keep_last != 0 && !offload {
             return refuse(
                 "--keep-last",
