@@ -262,3 +262,45 @@ fn a_panic_mid_backward_removes_every_file_and_leaves_the_engine_usable() -> Res
     );
     Ok(())
 }
+
+/// A killed run (SIGKILL, or SIGTERM without a handler) never runs destructors and leaves its
+/// private directory behind; the next engine on the same root removes it, and only it.
+#[test]
+fn the_directory_of_a_killed_run_is_swept_by_the_next_engine() -> Result<()> {
+    let scratch = Scratch::new("orphans")?;
+    let (layers, x) = stack(2, 8)?;
+    let step = || -> Result<PathBuf> {
+        let ckpt = engine(&scratch.0);
+        let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+        ckpt.backward(&y.sum_all()?)?;
+        Ok(ckpt.disk_dir().expect("private directory"))
+    };
+    // `checkpointable-<pid>-<machine tag>-<id>`: this machine's tag, from a first engine.
+    let first = step()?;
+    let name = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("UTF-8 name");
+    let tag = name.split('-').nth(2).expect("a machine tag");
+    // No process has the first id (beyond any pid_max); pid 1 is always alive.
+    let orphan = scratch
+        .0
+        .join(format!("checkpointable-999999999-{tag}-00000000deadbeef"));
+    let alive = scratch
+        .0
+        .join(format!("checkpointable-1-{tag}-00000000deadbeef"));
+    let elsewhere = scratch
+        .0
+        .join("checkpointable-999999999-00000000-00000000deadbeef");
+    let unrelated = scratch.0.join("checkpointable-notes");
+    for dir in [&orphan, &alive, &elsewhere, &unrelated] {
+        fs::create_dir_all(dir)?;
+        fs::write(dir.join("boundary-000000.safetensors"), b"left behind")?;
+    }
+    step()?;
+    assert!(!orphan.exists(), "the dead run's directory is still there");
+    for kept in [&alive, &elsewhere, &unrelated] {
+        assert!(kept.exists(), "{} was removed", kept.display());
+    }
+    Ok(())
+}

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use checkpoint_runtime::{Checkpointer, Error, Layer, Policy};
+use checkpoint_runtime::{Checkpointer, Error, Layer, Mode, Policy};
 use checkpoint_tests::init::Init;
 use checkpoint_tests::mlp::MlpBlock;
 
@@ -211,6 +211,33 @@ fn a_stack_feeding_a_keyword_argument_of_a_segmented_stack_is_named() -> Result<
         );
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff == 0.0, "encoder gradient differs by {diff}");
+    }
+    Ok(())
+}
+
+/// A carry whose dtype the host and disk stores cannot keep (f8) is refused before the stack
+/// runs, naming the layer, the dtype and the mode, not later as a disk write failure.
+#[test]
+fn an_f8_carry_is_refused_by_the_offload_stores() -> Result<()> {
+    #[derive(Clone)]
+    struct Identity;
+    impl Layer for Identity {
+        fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+            Ok(x.clone())
+        }
+    }
+    let carry = Tensor::zeros((2, 4), DType::F8E4M3, &Device::Cpu)?;
+    for mode in [Mode::OffloadHost, Mode::OffloadDisk] {
+        let err = Checkpointer::new(Policy::new(mode))
+            .run_stack(&carry, [(&Identity, ())])
+            .expect_err("f8 cannot be offloaded");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("layer 0 (`Identity::forward`)")
+                && msg.contains("F8E4M3")
+                && msg.contains(&format!("mode {mode}")),
+            "{msg}"
+        );
     }
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! through a bounded queue, so memory stays bounded when the disk is slower than the layers),
 //! checksummed (CRC-32) and length-checked on load, and removed once read. The directory is
 //! `0700`, its files `0600`; it is removed when the engine and its last boundary are dropped,
-//! including on error and during a panic's unwinding.
+//! including on error and during a panic's unwinding. A process killed without unwinding
+//! (`SIGKILL`, or a `SIGTERM` nobody handles) cannot remove it: the next engine on the same root
+//! and machine finds it by its name (process id, machine tag) and removes it once that process
+//! is gone.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -83,6 +86,17 @@ pub(crate) struct DiskStore {
 struct Open {
     dir: Arc<PrivateDir>,
     queue: SyncSender<Job>,
+    writer: thread::JoinHandle<()>,
+}
+
+impl Drop for DiskStore {
+    /// Closes the writer's queue and waits for it to finish what it was given.
+    fn drop(&mut self) {
+        if let Some(Open { queue, writer, .. }) = self.lock().take() {
+            drop(queue);
+            let _ = writer.join();
+        }
+    }
 }
 
 impl DiskStore {
@@ -120,9 +134,11 @@ impl DiskStore {
             return Ok((Arc::clone(&o.dir), o.queue.clone()));
         }
         let root = &self.config.root;
+        let tag = machine_tag();
         let path = root.join(format!(
-            "checkpointable-{}-{:016x}",
+            "checkpointable-{}-{:08x}-{:016x}",
             std::process::id(),
+            tag.unwrap_or(0),
             unique()
         ));
         DirBuilder::new()
@@ -135,15 +151,19 @@ impl DiskStore {
                 hint: "point the disk root at a writable directory (DiskConfig::root, `--offload-dir`)",
                 source,
             })?;
+        if let Some(tag) = tag {
+            sweep_orphans(root, &path, tag);
+        }
         let dir = Arc::new(PrivateDir { path });
         let (queue, jobs) = mpsc::sync_channel::<Job>(self.config.write_queue.max(1));
-        thread::Builder::new()
+        let writer = thread::Builder::new()
             .name("checkpoint-writer".to_owned())
             .spawn(move || write_loop(&jobs))
             .map_err(|e| Error::Config(format!("cannot start the boundary writer thread: {e}")))?;
         *open = Some(Open {
             dir: Arc::clone(&dir),
             queue: queue.clone(),
+            writer,
         });
         Ok((dir, queue))
     }
@@ -179,10 +199,14 @@ impl BoundaryStore for DiskStore {
             written: Mutex::new(WriteState::Pending(written)),
             _dir: dir,
         });
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(&file));
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // Forget files already gone before the list would grow: it stays as long as the files
+        // alive at once, amortised, rather than one entry per boundary ever written.
+        if pending.len() == pending.capacity() {
+            pending.retain(|w| w.strong_count() > 0);
+        }
+        pending.push(Arc::downgrade(&file));
+        drop(pending);
         Ok(DiskBoundary {
             file,
             bytes: super::tensor_bytes(tensor),
@@ -220,6 +244,60 @@ impl BoundaryStore for DiskStore {
             waited: Some(loaded.waited),
         })
     }
+}
+
+/// Which machine and process-id namespace this process lives in (a CRC-32 of the host name
+/// and the pid namespace), so that a directory on a shared root is only ever judged by the
+/// `/proc` that can see its process. `None` without `/proc`.
+fn machine_tag() -> Option<u32> {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let pid_ns = fs::read_link("/proc/self/ns/pid").ok()?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(host.trim().as_bytes());
+    hasher.update(b"\0");
+    hasher.update(pid_ns.as_os_str().as_encoded_bytes());
+    Some(hasher.finalize())
+}
+
+/// Removes the private directories that killed processes left under `root` (`SIGKILL`, or a
+/// `SIGTERM` nobody handled, runs no destructor): those named like ours, with our machine
+/// `tag`, owned by the user who owns `ours`, whose process is gone. Best effort: a directory
+/// that cannot be removed is left as it is.
+fn sweep_orphans(root: &Path, ours: &Path, tag: u32) {
+    use std::os::unix::fs::MetadataExt;
+
+    let Ok(me) = fs::metadata(ours) else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((pid, theirs)) = name.to_str().and_then(parse_dir_name) else {
+            continue;
+        };
+        let path = entry.path();
+        let orphan = theirs == tag
+            && pid != std::process::id()
+            && !Path::new("/proc").join(pid.to_string()).exists()
+            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.uid() == me.uid());
+        if orphan {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// The process id and machine tag in a private directory's name,
+/// `checkpointable-<pid>-<8 hex digits>-<16 hex digits>`.
+fn parse_dir_name(name: &str) -> Option<(u32, u32)> {
+    let mut parts = name.strip_prefix("checkpointable-")?.split('-');
+    let (pid, tag, id) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if parts.next().is_some() || !hex(tag, 8) || !hex(id, 16) {
+        return None;
+    }
+    Some((pid.parse().ok()?, u32::from_str_radix(tag, 16).ok()?))
 }
 
 fn unique() -> u64 {
@@ -468,5 +546,45 @@ impl Prefetcher {
             transfer,
             waited,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The list of files handed to the writer stays as long as the files alive at once, not
+    /// one entry per boundary ever written.
+    #[test]
+    fn the_pending_list_does_not_grow_with_the_steps() -> Result<()> {
+        let store = DiskStore::new(DiskConfig::default());
+        let t = Tensor::zeros(16, candle_core::DType::F32, &Device::Cpu)?;
+        let mut longest = 0;
+        for step in 0..2000 {
+            let kept = store.put(&t, &format!("step {step}"))?;
+            longest = longest.max(store.pending.lock().map_or(0, |p| p.len()));
+            drop(kept);
+        }
+        // Without pruning it would hold 2000; pruned when full, it stays at its first capacity.
+        assert!(longest <= 8, "{longest} entries for at most 1 live file");
+        Ok(())
+    }
+
+    #[test]
+    fn private_directories_are_recognised_by_name() {
+        let parse = parse_dir_name;
+        assert_eq!(
+            parse("checkpointable-4242-0000beef-00ff00ff00ff00ff"),
+            Some((4242, 0xbeef))
+        );
+        assert_eq!(parse("checkpointable-4242-00ff00ff00ff00ff"), None);
+        assert_eq!(parse("checkpointable-4242-0000beef-00ff"), None);
+        assert_eq!(parse("checkpointable-x-0000beef-00ff00ff00ff00ff"), None);
+        assert_eq!(parse("checkpointable-4242-0000beeg-00ff00ff00ff00ff"), None);
+        assert_eq!(
+            parse("checkpointable-4242-0000beef-00ff00ff00ff00ff-x"),
+            None
+        );
+        assert_eq!(parse("other-4242-0000beef-00ff00ff00ff00ff"), None);
     }
 }

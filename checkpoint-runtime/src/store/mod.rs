@@ -20,12 +20,12 @@ mod pool;
 
 use std::time::Duration;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use self::device::DeviceStore;
 use self::disk::{DiskConfig, DiskStore};
 use self::host::HostStore;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::policy::Placement;
 
 /// A place where boundaries wait between the forward and the backward pass.
@@ -121,6 +121,20 @@ impl Stores {
         placement: Placement,
         layer: &str,
     ) -> Result<Boundary> {
+        let offloaded = matches!(placement, Placement::Host | Placement::Disk);
+        let dtype = hidden.dtype();
+        if offloaded && !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+            let mode = if placement == Placement::Host {
+                "offload-host"
+            } else {
+                "offload-disk"
+            };
+            return Err(Error::Config(format!(
+                "{layer}: a boundary of dtype {dtype:?} cannot be offloaded (mode {mode}): the \
+                 host and disk stores keep f16, bf16, f32 and f64. Run the stack in one of \
+                 those dtypes, or keep its boundaries on the device (recompute)"
+            )));
+        }
         Ok(match placement {
             Placement::Graph | Placement::Device => {
                 Boundary::Device(self.device.put(hidden, layer)?)
