@@ -4,7 +4,7 @@
 //! qwen2 train                                   # small random-init model on the bundled text
 //! qwen2 train --model DIR --checkpoint recompute
 //! qwen2 train --checkpoint offload-disk --offload-dir DIR --prefetch 2 --keep-last 1
-//! qwen2 train --checkpoint offload-disk --budget-mib 1   # per-layer plan, printed once
+//! qwen2 train --checkpoint offload-disk --budget-mib 1   # per-layer plan, printed per shape
 //! qwen2 train --save DIR                        # then: qwen2 train --model DIR
 //! qwen2 verify --model DIR --reference FILE [--checkpoint MODE]
 //! ```

@@ -331,6 +331,7 @@ pub fn train(
     let _ = ckpt.take_stats();
     let mut stats = Stats::default();
     let mut peak_gpu = None;
+    let mut plans_printed = Vec::new();
     for step in 0..cfg.steps {
         let lr = cfg.lr_at(step);
         decayed.set_learning_rate(lr);
@@ -364,9 +365,7 @@ pub fn train(
         tokens += batch.tokens;
         losses.push(loss);
         stats.merge(&ckpt.take_stats());
-        if step == 0 {
-            print_budget_plans(ckpt, &progress);
-        }
+        print_new_budget_plans(ckpt, &progress, &mut plans_printed);
         let gpu = gpu_used_bytes(device);
         peak_gpu = peak_gpu.max(gpu);
         #[allow(clippy::cast_precision_loss)]
@@ -386,15 +385,16 @@ pub fn train(
     })
 }
 
-/// Prints the plans a budget policy made on its probe step (nothing without a budget).
-fn print_budget_plans(ckpt: &Checkpointer, progress: &Progress) {
-    let plans = ckpt.budget_plans();
-    if plans.is_empty() {
-        return;
-    }
-    progress.clear_line();
-    for plan in plans {
-        eprintln!("budget plan (measured on the first step):\n{plan}");
+/// Prints the plans a budget policy made since the last call: one per stack length and batch
+/// shape, each measured on the first step of that shape (nothing without a budget).
+fn print_new_budget_plans(ckpt: &Checkpointer, progress: &Progress, printed: &mut Vec<String>) {
+    for plan in ckpt.budget_plans() {
+        let text = plan.to_string();
+        if !printed.contains(&text) {
+            progress.clear_line();
+            eprintln!("budget plan (measured on the first step of this batch shape):\n{text}");
+            printed.push(text);
+        }
     }
 }
 
