@@ -57,6 +57,14 @@ use crate::store::{Boundary, Readers, Saved, Stores, tensor_bytes};
 /// therefore returns a store without them. The engine notices: the next forward or backward
 /// through it fails with [`Error::UncollectedGradients`], and dropping it with gradients still
 /// uncollected prints a warning.
+///
+/// # Stacks inside stacks
+///
+/// A layer may run a stack of its own through the same engine: it runs again inside each
+/// recomputed segment, and the gradients are still the plain graph's. A stack whose *output*
+/// is a keyword argument of another stack (an encoder feeding cross-attention) works when that
+/// other stack is one segment; with more segments, each segment's backward would need the
+/// first stack again, and [`Error::StackInKeywordArgument`] says so.
 #[derive(Debug, Clone)]
 pub struct Checkpointer {
     shared: Arc<Shared>,
