@@ -6,6 +6,7 @@
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
+use syn::visit::Visit;
 use syn::visit_mut::{self, VisitMut};
 use syn::{
     Attribute, Block, Expr, ExprForLoop, ExprMethodCall, Ident, ImplItem, ItemImpl, Local,
@@ -271,9 +272,44 @@ struct Invocation<'a> {
     kwargs: Vec<&'a Expr>,
 }
 
+/// Methods that adapt a result rather than invoke a layer: `layer.forward(..).map_err(..)`.
+const ADAPTERS: [&str; 9] = [
+    "map_err",
+    "map",
+    "ok",
+    "unwrap",
+    "expect",
+    "and_then",
+    "or_else",
+    "context",
+    "with_context",
+];
+
+/// Does `expr` look like a layer invocation: a method call whose first argument is a borrow?
+fn passes_a_carry(expr: &Expr) -> bool {
+    matches!(strip_parens(expr), Expr::MethodCall(call)
+        if matches!(call.args.first(), Some(Expr::Reference(_))))
+}
+
 fn invocation(expr: &Expr) -> syn::Result<Invocation<'_>> {
     let rt = rt();
     match strip_parens(expr) {
+        Expr::MethodCall(call)
+            if match strip_parens(&call.receiver) {
+                Expr::Try(t) => passes_a_carry(&t.expr),
+                receiver => ADAPTERS.iter().any(|a| call.method == a) && passes_a_carry(receiver),
+            } =>
+        {
+            let method = &call.method;
+            Err(syn::Error::new(
+                method.span(),
+                format!(
+                    "`#[checkpoint]` rewrites the layer invocation itself, and `.{method}(..)` \
+                     works on its result: bind the invocation first (`let ys = \
+                     layer.forward(&xs, ..)?;`) and call `.{method}(..)` in the next statement"
+                ),
+            ))
+        }
         Expr::MethodCall(call) => {
             if let Some(turbofish) = &call.turbofish {
                 return Err(unsupported(
@@ -361,11 +397,19 @@ fn invocation(expr: &Expr) -> syn::Result<Invocation<'_>> {
     }
 }
 
-/// Does `tokens` mention the identifier `name`?
+/// Does `tokens` mention the identifier `name`, directly or captured by a format string
+/// (`format!("{name}")`)?
 fn mentions(tokens: TokenStream, name: &Ident) -> Option<Span> {
+    let captures = [format!("{{{name}}}"), format!("{{{name}:")];
     for tt in tokens {
         match tt {
             TokenTree::Ident(i) if i == *name => return Some(i.span()),
+            TokenTree::Literal(lit) => {
+                let text = lit.to_string();
+                if captures.iter().any(|c| text.contains(c.as_str())) {
+                    return Some(lit.span());
+                }
+            }
             TokenTree::Group(g) => {
                 if let Some(span) = mentions(g.stream(), name) {
                     return Some(span);
@@ -396,6 +440,40 @@ fn check_no_carry(inv: &Invocation<'_>, lets: &[&Stmt], carry: &Ident) -> syn::R
         }
     }
     Ok(())
+}
+
+/// The first `?` or `return` in `stmts` that would leave the closure they are written in (those
+/// inside nested closures, async blocks and items leave only those).
+fn early_exit(stmts: &[&Stmt]) -> Option<Span> {
+    #[derive(Default)]
+    struct Find(Option<Span>);
+    impl<'ast> Visit<'ast> for Find {
+        fn visit_expr_try(&mut self, e: &'ast syn::ExprTry) {
+            self.0.get_or_insert(e.question_token.span);
+        }
+        fn visit_expr_return(&mut self, e: &'ast syn::ExprReturn) {
+            self.0.get_or_insert(e.return_token.span);
+        }
+        fn visit_macro(&mut self, m: &'ast syn::Macro) {
+            // Macro arguments are tokens, not expressions: look for the tokens themselves.
+            let exit = m.tokens.clone().into_iter().find(|tt| match tt {
+                TokenTree::Punct(p) => p.as_char() == '?',
+                TokenTree::Ident(i) => i == "return",
+                _ => false,
+            });
+            if let Some(tt) = exit {
+                self.0.get_or_insert(tt.span());
+            }
+        }
+        fn visit_expr_closure(&mut self, _: &'ast syn::ExprClosure) {}
+        fn visit_expr_async(&mut self, _: &'ast syn::ExprAsync) {}
+        fn visit_item(&mut self, _: &'ast syn::Item) {}
+    }
+    let mut find = Find::default();
+    for stmt in stmts {
+        find.visit_stmt(stmt);
+    }
+    find.0
 }
 
 /// Checks that the invocation's carry argument is `&CARRY`.
@@ -459,11 +537,17 @@ fn for_loop_stmt(for_loop: &ExprForLoop, engine: &Expr) -> syn::Result<TokenStre
             ));
         }
     };
+    let Some(carry_name) = ident_of(carry) else {
+        return Err(unsupported(
+            carry,
+            "the carry of a `#[checkpoint]` loop is a local variable, `xs = layer.forward(&xs, \
+             ..)?;`: copy a field or a dereference into a local before the loop and store it \
+             back after.",
+        ));
+    };
     let inv = invocation(call)?;
     check_carry_arg(&inv, carry)?;
-    if let Some(name) = ident_of(carry) {
-        check_no_carry(&inv, &lets, name)?;
-    }
+    check_no_carry(&inv, &lets, carry_name)?;
     let label = &for_loop.label;
     let pat = &for_loop.pat;
     let iter = &for_loop.expr;
@@ -526,6 +610,15 @@ fn fold(call: &ExprMethodCall, engine: &Expr) -> syn::Result<TokenStream> {
         },
         other => (Vec::new(), other),
     };
+    if let Some(span) = early_exit(&lets) {
+        return Err(syn::Error::new(
+            span,
+            "inside a checkpointed fold, the `let`s before the invocation run for every layer \
+             before the stack does, outside the closure: a `?` or `return` there would leave the \
+             enclosing function instead of ending the fold. Compute the value inside the layer, \
+             or write the stack as a `#[checkpoint]` `for` loop",
+        ));
+    }
     let inv = invocation(body)?;
     check_carry_arg(&inv, acc_ident)?;
     check_no_carry(&inv, &lets, acc_ident)?;

@@ -1,0 +1,29 @@
+use candle_core::{Result, Tensor};
+use checkpoint_runtime::{Checkpointer, checkpointable};
+
+#[checkpointable]
+#[derive(Clone)]
+struct Layer {
+    w: Tensor,
+}
+
+#[checkpointable]
+impl Layer {
+    fn forward(&self, xs: &Tensor, scale: f64) -> Result<Tensor> {
+        (xs + &self.w)? * scale
+    }
+}
+
+
+#[checkpointable(engine = ckpt)]
+fn run(layers: &[Layer], xs: &Tensor, ckpt: &Checkpointer) -> Result<Tensor> {
+    let mut xs = xs.clone();
+    #[checkpoint]
+    for layer in layers {
+        let scale = format!("{xs}").len() as f64;
+        xs = layer.forward(&xs, scale)?;
+    }
+    Ok(xs)
+}
+
+fn main() {}
