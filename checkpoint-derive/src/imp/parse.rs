@@ -37,6 +37,13 @@ pub(crate) fn options(args: TokenStream, errors: &mut Errors) -> Options {
             let key = input.call(Ident::parse_any)?;
             match key.to_string().as_str() {
                 "methods" => {
+                    if !input.peek(syn::token::Paren) {
+                        return Err(syn::Error::new_spanned(
+                            &key,
+                            "expected `methods(name, ..)`, e.g. `methods(forward)` or \
+                             `methods(forward, forward_cross)`",
+                        ));
+                    }
                     let content;
                     syn::parenthesized!(content in input);
                     let names = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;

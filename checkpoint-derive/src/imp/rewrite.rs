@@ -3,7 +3,7 @@
 //! through the engine. A loop becomes ONE `run_stack` over all its layers; a single invocation
 //! is a stack of one. With no engine active (`None`), the original statement runs unchanged.
 
-use proc_macro2::{Span, TokenStream, TokenTree};
+use proc_macro2::{Spacing, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::visit::Visit;
@@ -401,9 +401,24 @@ fn invocation(expr: &Expr) -> syn::Result<Invocation<'_>> {
 /// (`format!("{name}")`)?
 fn mentions(tokens: TokenStream, name: &Ident) -> Option<Span> {
     let captures = [format!("{{{name}}}"), format!("{{{name}:")];
+    // A name right after `.` or `::` is a field or a path segment, not the variable (but after
+    // a single `:`, as in `Kwargs { field: xs }`, it is the variable).
+    let mut last: [Option<(char, Spacing)>; 2] = [None, None];
     for tt in tokens {
+        let member = match last {
+            [_, Some(('.', _))] => true,
+            [Some((':', Spacing::Joint)), Some((':', _))] => true,
+            _ => false,
+        };
+        last = [
+            last[1],
+            match &tt {
+                TokenTree::Punct(p) => Some((p.as_char(), p.spacing())),
+                _ => None,
+            },
+        ];
         match tt {
-            TokenTree::Ident(i) if i == *name => return Some(i.span()),
+            TokenTree::Ident(i) if i == *name && !member => return Some(i.span()),
             TokenTree::Literal(lit) => {
                 let text = lit.to_string();
                 if captures.iter().any(|c| text.contains(c.as_str())) {
