@@ -401,24 +401,27 @@ fn invocation(expr: &Expr) -> syn::Result<Invocation<'_>> {
 /// (`format!("{name}")`)?
 fn mentions(tokens: TokenStream, name: &Ident) -> Option<Span> {
     let captures = [format!("{{{name}}}"), format!("{{{name}:")];
-    // A name right after `.` or `::` is a field or a path segment, not the variable (but after
-    // a single `:`, as in `Kwargs { field: xs }`, it is the variable).
-    let mut last: [Option<(char, Spacing)>; 2] = [None, None];
-    for tt in tokens {
-        let member = match last {
-            [_, Some(('.', _))] => true,
-            [Some((':', Spacing::Joint)), Some((':', _))] => true,
-            _ => false,
-        };
-        last = [
-            last[1],
-            match &tt {
-                TokenTree::Punct(p) => Some((p.as_char(), p.spacing())),
-                _ => None,
-            },
-        ];
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    let punct = |i: Option<usize>| match i.and_then(|i| tokens.get(i)) {
+        Some(TokenTree::Punct(p)) => Some((p.as_char(), p.spacing())),
+        _ => None,
+    };
+    for (at, tt) in tokens.iter().enumerate() {
         match tt {
-            TokenTree::Ident(i) if i == *name && !member => return Some(i.span()),
+            TokenTree::Ident(i) if i == name => {
+                // After `.` or `::` it is a field or a path segment; before `::`, a module or a
+                // type. After a single `:` (`Kwargs { field: xs }`) it is the variable.
+                let (before, before2) = (punct(at.checked_sub(1)), punct(at.checked_sub(2)));
+                let member = matches!(before, Some(('.', _)))
+                    || matches!(
+                        (before2, before),
+                        (Some((':', Spacing::Joint)), Some((':', _)))
+                    )
+                    || matches!(punct(Some(at + 1)), Some((':', Spacing::Joint)));
+                if !member {
+                    return Some(i.span());
+                }
+            }
             TokenTree::Literal(lit) => {
                 let text = lit.to_string();
                 if captures.iter().any(|c| text.contains(c.as_str())) {

@@ -41,6 +41,6 @@ fn main() -> Result<()> {
     let xs = Tensor::new(&[1f32, 1.0], &dev)?;
     let cfg = Config { xs: 4.0 };
     let ys = run(&layers, &xs, &cfg, &Checkpointer::new(Policy::recompute()))?;
-    assert_eq!(ys.to_vec1::<f32>()?, [8.0, 18.0]);
+    assert_eq!(ys.to_vec1::<f32>()?, [16.0, 36.0]); // (1 * 2 * 2) * 2 * 2, (1 * 3 * 2) * 3 * 2
     Ok(())
 }
