@@ -420,10 +420,23 @@ fn option_of_ref(ty: &Type) -> Option<&syn::TypeReference> {
 }
 
 fn classify<'a>(ty: &'a Type, name: &Ident, generic_names: &[Ident]) -> syn::Result<Kind<'a>> {
+    // A `'static` borrow outlives backward: it is kept as it is, like an owned value.
+    let is_static =
+        |r: &syn::TypeReference| r.lifetime.as_ref().is_some_and(|l| l.ident == "static");
     let (kind, inner, outer_ref) = if let Type::Reference(r) = ty {
-        (Kind::Ref(&r.elem), &*r.elem, Some(r))
+        let kind = if is_static(r) {
+            Kind::Value
+        } else {
+            Kind::Ref(&r.elem)
+        };
+        (kind, &*r.elem, Some(r))
     } else if let Some(r) = option_of_ref(ty) {
-        (Kind::OptRef(&r.elem), &*r.elem, Some(r))
+        let kind = if is_static(r) {
+            Kind::Value
+        } else {
+            Kind::OptRef(&r.elem)
+        };
+        (kind, &*r.elem, Some(r))
     } else {
         (Kind::Value, ty, None)
     };
