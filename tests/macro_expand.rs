@@ -118,3 +118,36 @@ fn expansion_matches_the_snapshot() {
         diff(&expected, &actual)
     );
 }
+
+/// `crate = PATH` puts every path of the generated code under `PATH`: a crate that re-exports
+/// the runtime, or renames the dependency, works without `::checkpoint_runtime` in scope.
+#[test]
+fn a_crate_path_replaces_the_runtime_path_everywhere() {
+    let input = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots/expand_input.rs"),
+    )
+    .expect("read the input");
+    let with_path = input
+        .replace("use checkpoint_runtime::", "use facade::ckpt::")
+        .replace(
+            "#[checkpointable]",
+            "#[checkpointable(crate = ::facade::ckpt)]",
+        )
+        .replace(
+            "#[checkpointable(engine",
+            "#[checkpointable(crate = ::facade::ckpt, engine",
+        );
+    assert_ne!(with_path, input, "the input has no attribute to rewrite");
+    let actual = expand(&with_path);
+    assert!(
+        !actual.contains("checkpoint_runtime"),
+        "a path still names the runtime crate:\n{actual}"
+    );
+    assert_eq!(
+        actual.matches("::facade::ckpt::__private").count(),
+        expand(&input)
+            .matches("::checkpoint_runtime::__private")
+            .count(),
+        "{actual}"
+    );
+}

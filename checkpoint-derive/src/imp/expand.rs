@@ -9,12 +9,14 @@ use syn::{Ident, ItemStruct, Lifetime, Type};
 use super::validate::{Kind, LayerImpl, Method};
 
 /// The struct attribute: lets `#[checkpoint]` call sites resolve the layer (`__private::Resolve`).
-pub(crate) fn layer_struct(item: &ItemStruct) -> TokenStream {
+///
+/// `rt` is the path of the runtime's `__private` module in generated code.
+pub(crate) fn layer_struct(item: &ItemStruct, rt: &TokenStream) -> TokenStream {
     let name = &item.ident;
     let (impl_generics, ty_generics, where_clause) = item.generics.split_for_impl();
     quote! {
         #[automatically_derived]
-        impl #impl_generics ::checkpoint_runtime::__private::Resolve
+        impl #impl_generics #rt::Resolve
             for #name #ty_generics #where_clause
         {
             type Layer = Self;
@@ -81,19 +83,22 @@ fn is_str(ty: &Type) -> bool {
 }
 
 /// The owned form of `T` in `&T`.
-fn owned_of(inner: &Type) -> TokenStream {
+fn owned_of(inner: &Type, rt: &TokenStream) -> TokenStream {
     match inner {
-        ty if is_str(ty) => quote!(::checkpoint_runtime::__private::String),
+        ty if is_str(ty) => quote!(#rt::String),
         Type::Slice(s) => {
             let elem = &s.elem;
-            quote!(::checkpoint_runtime::__private::Vec<#elem>)
+            quote!(#rt::Vec<#elem>)
         }
         ty => quote!(#ty),
     }
 }
 
-pub(crate) fn layer_method(layer: &LayerImpl<'_>, method: &Method<'_>) -> TokenStream {
-    let rt = quote!(::checkpoint_runtime::__private);
+pub(crate) fn layer_method(
+    layer: &LayerImpl<'_>,
+    method: &Method<'_>,
+    rt: &TokenStream,
+) -> TokenStream {
     let item = layer.item;
     let layer_name = &layer.name;
     let sig = method.sig;
@@ -139,9 +144,9 @@ pub(crate) fn layer_method(layer: &LayerImpl<'_>, method: &Method<'_>) -> TokenS
         .kwargs
         .iter()
         .map(|k| match k.kind {
-            Kind::Ref(inner) => owned_of(inner),
+            Kind::Ref(inner) => owned_of(inner, rt),
             Kind::OptRef(inner) => {
-                let inner = owned_of(inner);
+                let inner = owned_of(inner, rt);
                 quote!(::core::option::Option<#inner>)
             }
             Kind::Value => {

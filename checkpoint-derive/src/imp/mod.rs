@@ -60,11 +60,12 @@ pub(crate) fn checkpointable(args: TokenStream, item: TokenStream) -> TokenStrea
 }
 
 fn expand_item(options: &Options, item: Item, errors: &mut Errors) -> (Item, TokenStream) {
+    let rt = options.runtime();
     match item {
         Item::Struct(item) => {
             validate::struct_options(options, errors);
             let generated = if errors.is_empty() {
-                expand::layer_struct(&item)
+                expand::layer_struct(&item, &rt)
             } else {
                 TokenStream::new()
             };
@@ -72,7 +73,7 @@ fn expand_item(options: &Options, item: Item, errors: &mut Errors) -> (Item, Tok
         }
         Item::Impl(mut item) => {
             let engine = options.engine.as_ref().map(|(_, e)| e);
-            let markers = rewrite::impl_block(&mut item, engine, errors);
+            let markers = rewrite::impl_block(&mut item, engine, &rt, errors);
             let layer_mode = options.engine.is_none() || options.methods.is_some();
             if !layer_mode && markers == 0 {
                 errors.push(syn::Error::new_spanned(
@@ -85,7 +86,7 @@ fn expand_item(options: &Options, item: Item, errors: &mut Errors) -> (Item, Tok
             if layer_mode {
                 let layer = validate::layer_impl(&item, options, errors);
                 for method in &layer.methods {
-                    generated.extend(expand::layer_method(&layer, method));
+                    generated.extend(expand::layer_method(&layer, method, &rt));
                 }
             }
             (Item::Impl(item), generated)
@@ -93,7 +94,7 @@ fn expand_item(options: &Options, item: Item, errors: &mut Errors) -> (Item, Tok
         Item::Fn(mut item) => {
             validate::fn_options(options, &item, errors);
             let engine = options.engine.as_ref().map(|(_, e)| e);
-            let markers = rewrite::block(&mut item.block, engine, errors);
+            let markers = rewrite::block(&mut item.block, engine, &rt, errors);
             if markers == 0 && engine.is_some() && errors.is_empty() {
                 errors.push(syn::Error::new_spanned(
                     &item.sig.ident,

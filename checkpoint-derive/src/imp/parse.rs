@@ -1,4 +1,4 @@
-//! The attribute's options: `methods(a, b)` and `engine = EXPR`.
+//! The attribute's options: `methods(a, b)`, `engine = EXPR` and `crate = PATH`.
 
 use proc_macro2::TokenStream;
 use syn::ext::IdentExt;
@@ -15,10 +15,21 @@ pub(crate) struct Options {
     pub(crate) methods: Option<(Ident, Vec<Ident>)>,
     /// `engine = EXPR`: the keyword and the expression.
     pub(crate) engine: Option<(Ident, Expr)>,
+    /// `crate = PATH`: where the runtime crate is, when not at `::checkpoint_runtime`.
+    pub(crate) krate: Option<(Ident, syn::Path)>,
 }
 
 impl Options {
-    /// The keywords that were given, for "not allowed here" errors.
+    /// The path of the runtime's macro support module in generated code.
+    pub(crate) fn runtime(&self) -> TokenStream {
+        match &self.krate {
+            Some((_, path)) => quote::quote!(#path::__private),
+            None => quote::quote!(::checkpoint_runtime::__private),
+        }
+    }
+
+    /// The `methods` and `engine` keywords that were given, for "not allowed here" errors
+    /// (`crate` is allowed everywhere).
     pub(crate) fn keywords(&self) -> Vec<&Ident> {
         let methods = self.methods.as_ref().map(|(kw, _)| kw);
         let engine = self.engine.as_ref().map(|(kw, _)| kw);
@@ -26,7 +37,7 @@ impl Options {
     }
 }
 
-const EXPECTED: &str = "expected `methods(name, ..)` or `engine = EXPR`";
+const EXPECTED: &str = "expected `methods(name, ..)`, `engine = EXPR` or `crate = PATH`";
 
 /// Parses the options, collecting every error (unknown and duplicate options, malformed values)
 /// and keeping what parsed.
@@ -75,6 +86,22 @@ pub(crate) fn options(args: TokenStream, errors: &mut Errors) -> Options {
                         options.engine = Some((key, expr));
                     }
                 }
+                "crate" => {
+                    if !input.peek(Token![=]) {
+                        return Err(syn::Error::new_spanned(
+                            &key,
+                            "expected `crate = PATH`, the path of the runtime crate where it is \
+                             not `::checkpoint_runtime`, e.g. `crate = ::my_facade::checkpoint`",
+                        ));
+                    }
+                    input.parse::<Token![=]>()?;
+                    let path = input.call(syn::Path::parse_mod_style)?;
+                    if let Some((first, _)) = &options.krate {
+                        errors.push(duplicate(&key, first));
+                    } else {
+                        options.krate = Some((key, path));
+                    }
+                }
                 _ => {
                     errors.push(syn::Error::new_spanned(
                         &key,
@@ -102,6 +129,8 @@ pub(crate) fn options(args: TokenStream, errors: &mut Errors) -> Options {
 fn duplicate(key: &Ident, _first: &Ident) -> syn::Error {
     let fix = if key == "methods" {
         "list every checkpointable method in one `methods(..)`"
+    } else if key == "crate" {
+        "give the runtime's path once"
     } else {
         "a function or impl runs its `#[checkpoint]` statements through one engine"
     };

@@ -25,20 +25,32 @@ const SHAPES: &str = "`#[checkpoint]` supports these statements:\n\
     `layer.call_kw(&xs, LayerKwargs { .. })` or `partial.call(&xs)`";
 
 /// Rewrites the marked statements of every method of `item`; returns how many there were.
-pub(crate) fn impl_block(item: &mut ItemImpl, engine: Option<&Expr>, errors: &mut Errors) -> usize {
+/// `rt` is the path of the runtime's `__private` module in generated code.
+pub(crate) fn impl_block(
+    item: &mut ItemImpl,
+    engine: Option<&Expr>,
+    rt: &TokenStream,
+    errors: &mut Errors,
+) -> usize {
     let mut count = 0;
     for it in &mut item.items {
         if let ImplItem::Fn(f) = it {
-            count += block(&mut f.block, engine, errors);
+            count += block(&mut f.block, engine, rt, errors);
         }
     }
     count
 }
 
 /// Rewrites the marked statements of `body`; returns how many there were.
-pub(crate) fn block(body: &mut Block, engine: Option<&Expr>, errors: &mut Errors) -> usize {
+pub(crate) fn block(
+    body: &mut Block,
+    engine: Option<&Expr>,
+    rt: &TokenStream,
+    errors: &mut Errors,
+) -> usize {
     let mut rewriter = Rewriter {
         engine,
+        rt,
         errors,
         count: 0,
     };
@@ -48,8 +60,16 @@ pub(crate) fn block(body: &mut Block, engine: Option<&Expr>, errors: &mut Errors
 
 struct Rewriter<'a> {
     engine: Option<&'a Expr>,
+    rt: &'a TokenStream,
     errors: &'a mut Errors,
     count: usize,
+}
+
+/// What every rewritten statement needs: the engine expression and the runtime's path.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    engine: &'a Expr,
+    rt: &'a TokenStream,
 }
 
 impl VisitMut for Rewriter<'_> {
@@ -72,7 +92,13 @@ impl VisitMut for Rewriter<'_> {
                 block.stmts.push(stmt);
                 continue;
             };
-            match statement(&stmt, engine) {
+            match statement(
+                &stmt,
+                Site {
+                    engine,
+                    rt: self.rt,
+                },
+            ) {
                 Ok(new) => block.stmts.push(new),
                 Err(err) => {
                     self.errors.push(err);
@@ -153,13 +179,9 @@ fn unsupported(tokens: &dyn ToTokens, what: &str) -> syn::Error {
     syn::Error::new_spanned(tokens, format!("{what}\n{SHAPES}"))
 }
 
-fn rt() -> TokenStream {
-    quote!(::checkpoint_runtime::__private)
-}
-
 /// `match engine(&(EXPR)) { None => PLAIN, Some(engine) => CHECKPOINTED }`.
-fn with_engine(engine: &Expr, plain: &TokenStream, checkpointed: &TokenStream) -> TokenStream {
-    let rt = rt();
+fn with_engine(site: Site<'_>, plain: &TokenStream, checkpointed: &TokenStream) -> TokenStream {
+    let Site { engine, rt } = site;
     let var = engine_var();
     let lookup = quote_spanned!(engine.span()=> #rt::engine(&(#engine)));
     quote! {
@@ -178,10 +200,10 @@ fn calls_var() -> Ident {
     Ident::new("__ckpt_calls", Span::mixed_site())
 }
 
-fn statement(stmt: &Stmt, engine: &Expr) -> syn::Result<Stmt> {
+fn statement(stmt: &Stmt, site: Site<'_>) -> syn::Result<Stmt> {
     match stmt {
         Stmt::Expr(Expr::ForLoop(for_loop), _) => {
-            let tokens = for_loop_stmt(for_loop, engine)?;
+            let tokens = for_loop_stmt(for_loop, site)?;
             syn::parse2(tokens)
         }
         Stmt::Local(Local {
@@ -201,7 +223,7 @@ fn statement(stmt: &Stmt, engine: &Expr) -> syn::Result<Stmt> {
             },
         ) => {
             let mut local = local.clone();
-            let value = value(&init.expr, engine)?;
+            let value = value(&init.expr, site)?;
             local.init = Some(LocalInit {
                 eq_token: init.eq_token,
                 expr: Box::new(syn::parse2(value)?),
@@ -211,11 +233,11 @@ fn statement(stmt: &Stmt, engine: &Expr) -> syn::Result<Stmt> {
         }
         Stmt::Expr(Expr::Assign(assign), semi) => {
             let mut assign = assign.clone();
-            assign.right = Box::new(syn::parse2(value(&assign.right, engine)?)?);
+            assign.right = Box::new(syn::parse2(value(&assign.right, site)?)?);
             Ok(Stmt::Expr(Expr::Assign(assign), *semi))
         }
         Stmt::Expr(expr @ (Expr::Try(_) | Expr::MethodCall(_) | Expr::Call(_)), semi) => {
-            Ok(Stmt::Expr(syn::parse2(value(expr, engine)?)?, *semi))
+            Ok(Stmt::Expr(syn::parse2(value(expr, site)?)?, *semi))
         }
         other => Err(unsupported(
             other,
@@ -225,24 +247,24 @@ fn statement(stmt: &Stmt, engine: &Expr) -> syn::Result<Stmt> {
 }
 
 /// A marked value: `INVOCATION`, `FOLD`, or either followed by `?`.
-fn value(expr: &Expr, engine: &Expr) -> syn::Result<TokenStream> {
+fn value(expr: &Expr, site: Site<'_>) -> syn::Result<TokenStream> {
     if let Expr::Try(t) = expr {
-        let inner = value_inner(&t.expr, engine)?;
+        let inner = value_inner(&t.expr, site)?;
         let q = &t.question_token;
         return Ok(quote!((#inner) #q));
     }
-    value_inner(expr, engine)
+    value_inner(expr, site)
 }
 
-fn value_inner(expr: &Expr, engine: &Expr) -> syn::Result<TokenStream> {
-    let rt = rt();
+fn value_inner(expr: &Expr, site: Site<'_>) -> syn::Result<TokenStream> {
+    let rt = site.rt;
     let var = engine_var();
     if let Expr::MethodCall(call) = strip_parens(expr)
         && call.method == "try_fold"
     {
-        return fold(call, engine);
+        return fold(call, site);
     }
-    let inv = invocation(expr)?;
+    let inv = invocation(expr, rt)?;
     let pair = &inv.pair;
     let carry = inv.carry;
     let layer = Ident::new("__ckpt_layer", Span::mixed_site());
@@ -254,7 +276,7 @@ fn value_inner(expr: &Expr, engine: &Expr) -> syn::Result<TokenStream> {
             #rt::convert_error,
         )
     }};
-    Ok(with_engine(engine, &expr.to_token_stream(), &checkpointed))
+    Ok(with_engine(site, &expr.to_token_stream(), &checkpointed))
 }
 
 fn strip_parens(mut expr: &Expr) -> &Expr {
@@ -291,8 +313,7 @@ fn passes_a_carry(expr: &Expr) -> bool {
         if matches!(call.args.first(), Some(Expr::Reference(_))))
 }
 
-fn invocation(expr: &Expr) -> syn::Result<Invocation<'_>> {
-    let rt = rt();
+fn invocation<'a>(expr: &'a Expr, rt: &TokenStream) -> syn::Result<Invocation<'a>> {
     match strip_parens(expr) {
         Expr::MethodCall(call)
             if match strip_parens(&call.receiver) {
@@ -520,8 +541,8 @@ fn ident_of(expr: &Expr) -> Option<&Ident> {
 }
 
 /// `for PAT in ITER { LETS; CARRY = INVOCATION?; }` → one `run_stack`.
-fn for_loop_stmt(for_loop: &ExprForLoop, engine: &Expr) -> syn::Result<TokenStream> {
-    let rt = rt();
+fn for_loop_stmt(for_loop: &ExprForLoop, site: Site<'_>) -> syn::Result<TokenStream> {
+    let rt = site.rt;
     let var = engine_var();
     let calls = calls_var();
     let stmts = &for_loop.body.stmts;
@@ -563,7 +584,7 @@ fn for_loop_stmt(for_loop: &ExprForLoop, engine: &Expr) -> syn::Result<TokenStre
              back after.",
         ));
     };
-    let inv = invocation(call)?;
+    let inv = invocation(call, rt)?;
     check_carry_arg(&inv, carry)?;
     check_no_carry(&inv, &lets, carry_name)?;
     let label = &for_loop.label;
@@ -580,12 +601,12 @@ fn for_loop_stmt(for_loop: &ExprForLoop, engine: &Expr) -> syn::Result<TokenStre
         #carry = #rt::candle_result(#var.run_stack(#carry_arg, #calls))?;
     }};
     let plain = quote!({ #for_loop });
-    Ok(with_engine(engine, &plain, &checkpointed))
+    Ok(with_engine(site, &plain, &checkpointed))
 }
 
 /// `ITER.try_fold(INIT, |ACC, ITEM| INVOCATION)` → one `run_stack`.
-fn fold(call: &ExprMethodCall, engine: &Expr) -> syn::Result<TokenStream> {
-    let rt = rt();
+fn fold(call: &ExprMethodCall, site: Site<'_>) -> syn::Result<TokenStream> {
+    let rt = site.rt;
     let var = engine_var();
     let calls = calls_var();
     let shape = "a checkpointed fold is `ITER.try_fold(INIT, |ACC, ITEM| INVOCATION)`.";
@@ -637,7 +658,7 @@ fn fold(call: &ExprMethodCall, engine: &Expr) -> syn::Result<TokenStream> {
              or write the stack as a `#[checkpoint]` `for` loop",
         ));
     }
-    let inv = invocation(body)?;
+    let inv = invocation(body, rt)?;
     check_carry_arg(&inv, acc_ident)?;
     check_no_carry(&inv, &lets, acc_ident)?;
     let iter = &call.receiver;
@@ -653,5 +674,5 @@ fn fold(call: &ExprMethodCall, engine: &Expr) -> syn::Result<TokenStream> {
             #rt::convert_error,
         )
     }};
-    Ok(with_engine(engine, &call.to_token_stream(), &checkpointed))
+    Ok(with_engine(site, &call.to_token_stream(), &checkpointed))
 }
