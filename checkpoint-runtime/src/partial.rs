@@ -99,7 +99,7 @@ impl<'l, L: Layer<K>, K: Kwargs> Partial<'l, L, K> {
     /// What `#[checkpoint]` call sites hand to the engine for `partial.call(&xs)`.
     #[doc(hidden)]
     #[must_use]
-    pub fn __ckpt_call_call(&self) -> (&'l L, K)
+    pub fn __checkpointable_call(&self) -> (&'l L, K)
     where
         K: Clone,
     {

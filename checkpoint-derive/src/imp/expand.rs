@@ -73,9 +73,11 @@ fn pascal_case(snake: &str) -> String {
 }
 
 /// The hidden twin of an invocation method, used by `#[checkpoint]` call sites: same arguments
-/// minus the carry, returns the resolved layer and the owned keyword record.
+/// minus the carry, returns the resolved layer and the owned keyword record. Its name is what
+/// rustc shows when a call site invokes a method that is not checkpointable ("no method named
+/// `__checkpointable_forward_t`"), so it says what is missing.
 pub(crate) fn hidden_twin(method: &Ident) -> Ident {
-    format_ident!("__ckpt_call_{}", method, span = method.span())
+    format_ident!("__checkpointable_{}", method, span = method.span())
 }
 
 fn is_str(ty: &Type) -> bool {

@@ -402,7 +402,7 @@ fn invocation<'a>(expr: &'a Expr, rt: &TokenStream) -> syn::Result<Invocation<'a
             let pair = quote_spanned! {func.span()=>
                 {
                     use #rt::Probe as _;
-                    (#func).__ckpt_probe().__ckpt_call_call()
+                    (#func).__ckpt_probe().__checkpointable_call()
                 }
             };
             Ok(Invocation {
