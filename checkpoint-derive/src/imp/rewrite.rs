@@ -110,8 +110,23 @@ impl VisitMut for Rewriter<'_> {
         }
     }
 
-    // Nested items are not part of this function.
-    fn visit_item_mut(&mut self, _: &mut syn::Item) {}
+    // Nested items are not part of this function. A nested `fn` with its own
+    // `#[checkpointable]` is rewritten by that attribute; in one without, each marker gets the
+    // error saying which attribute its function needs (rather than rustc's "cannot find
+    // attribute `checkpoint`").
+    fn visit_item_mut(&mut self, item: &mut syn::Item) {
+        if let syn::Item::Fn(f) = item {
+            let annotated = f.attrs.iter().any(|a| {
+                a.path()
+                    .segments
+                    .last()
+                    .is_some_and(|s| s.ident == "checkpointable")
+            });
+            if !annotated {
+                block(&mut f.block, None, self.rt, self.errors);
+            }
+        }
+    }
 }
 
 fn is_marker(attr: &Attribute) -> bool {
