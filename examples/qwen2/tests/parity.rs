@@ -2,17 +2,19 @@
 //! transformers), for every checkpoint mode and policy (segments, first, keep-last, a memory
 //! budget), and exact equality of the recomputed and offloaded gradients with the plain graph's.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Placement, Policy};
 use checkpoint_tests::compare::max_abs_diff;
+use checkpoint_tests::temp::TempDir;
 use qwen2::data::{ByteDataset, collate};
 use qwen2::loader::{self, Loaded};
 use qwen2::loss::causal_lm_loss;
 use qwen2::train::{CheckpointOptions, TrainConfig, train};
-use qwen2::verify::{GRAD_TOLERANCE, OUTPUT_TOLERANCE, verify};
+use qwen2::verify::{GRAD_TOLERANCE, OUTPUT_TOLERANCE, Report, verify};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -68,11 +70,11 @@ fn matches_transformers_with_host_offload() -> TestResult {
 
 #[test]
 fn matches_transformers_with_disk_offload() -> TestResult {
-    let root = scratch("disk-parity")?;
+    let root = TempDir::new("qwen2-disk-parity")?;
     let ckpt = Checkpointer::with_disk(
         Policy::new(Mode::OffloadDisk).segments(2).keep_last(1),
         DiskConfig {
-            root: root.clone(),
+            root: root.path().to_owned(),
             prefetch: 1,
             write_queue: 1,
         },
@@ -82,14 +84,13 @@ fn matches_transformers_with_disk_offload() -> TestResult {
     assert!(stats.disk_bytes > 0 && stats.device_bytes > 0, "{stats}");
     assert_eq!(stats.prefetch_hits + stats.prefetch_waits, 1, "{stats}");
     let private = ckpt.disk_dir().ok_or("no private directory was created")?;
-    assert!(private.starts_with(&root), "{}", private.display());
+    assert!(private.starts_with(root.path()), "{}", private.display());
     drop(ckpt);
     assert!(
         !private.exists(),
         "{} outlived the engine",
         private.display()
     );
-    std::fs::remove_dir_all(&root)?;
     Ok(())
 }
 
@@ -127,13 +128,6 @@ fn matches_transformers_with_a_memory_budget() -> TestResult {
         .count();
     assert!((1..4).contains(&offloaded), "{plan}");
     Ok(())
-}
-
-/// A fresh directory under the system temp dir for one test.
-fn scratch(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("qwen2-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// Gradients of every parameter for one padded batch.
@@ -339,27 +333,34 @@ fn without_an_engine_the_model_runs_the_plain_calls() -> TestResult {
     Ok(())
 }
 
-/// A reference that disagrees fails the check and names the worst tensor.
-#[test]
-fn a_disagreeing_reference_fails_naming_the_worst_tensor() -> TestResult {
+type Tensors = HashMap<String, Tensor>;
+
+/// Runs `verify` against the fixture's reference after `alter` changed it.
+fn verify_altered(
+    alter: impl FnOnce(&mut Tensors) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<qwen2::Result<Report>, Box<dyn std::error::Error>> {
     let dir = fixture();
     let mut reference =
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
-    let name = "grad.model.layers.2.mlp.down_proj.weight";
-    let perturbed = (reference.get(name).ok_or("fixture lacks the gradient")? * 1.01)?;
-    reference.insert(name.to_owned(), perturbed);
-    let logits = (reference.get("logits").ok_or("fixture lacks logits")? * (1.0 + 1e-6))?;
-    reference.insert("logits".to_owned(), logits);
-    let scratch = scratch("disagree")?;
-    let file = scratch.join("reference.safetensors");
+    alter(&mut reference)?;
+    let scratch = TempDir::new("qwen2-reference")?;
+    let file = scratch.path().join("reference.safetensors");
     candle_core::safetensors::save(&reference, &file)?;
-    let report = verify(
-        &dir,
-        &file,
-        &Checkpointer::new(Policy::recompute()),
-        &Device::Cpu,
-    )?;
-    std::fs::remove_dir_all(&scratch)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    Ok(verify(&dir, &file, &ckpt, &Device::Cpu))
+}
+
+/// A reference that disagrees fails the check and names the worst tensor.
+#[test]
+fn a_disagreeing_reference_fails_naming_the_worst_tensor() -> TestResult {
+    let name = "grad.model.layers.2.mlp.down_proj.weight";
+    let report = verify_altered(|reference| {
+        let perturbed = (reference.get(name).ok_or("fixture lacks the gradient")? * 1.01)?;
+        reference.insert(name.to_owned(), perturbed);
+        let logits = (reference.get("logits").ok_or("fixture lacks logits")? * (1.0 + 1e-6))?;
+        reference.insert("logits".to_owned(), logits);
+        Ok(())
+    })??;
     match report.ok() {
         Err(qwen2::Error::Verify {
             count,
@@ -379,23 +380,13 @@ fn a_disagreeing_reference_fails_naming_the_worst_tensor() -> TestResult {
 /// A reference gradient of the wrong shape is named, with both shapes.
 #[test]
 fn a_misshapen_reference_gradient_is_named() -> TestResult {
-    let dir = fixture();
-    let mut reference =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
     let name = "grad.model.layers.0.self_attn.q_proj.bias";
-    let grad = reference.get(name).ok_or("fixture lacks the gradient")?;
-    let reshaped = grad.reshape((1, grad.elem_count()))?;
-    reference.insert(name.to_owned(), reshaped);
-    let scratch = scratch("misshapen")?;
-    let file = scratch.join("reference.safetensors");
-    candle_core::safetensors::save(&reference, &file)?;
-    let result = verify(
-        &dir,
-        &file,
-        &Checkpointer::new(Policy::recompute()),
-        &Device::Cpu,
-    );
-    std::fs::remove_dir_all(&scratch)?;
+    let result = verify_altered(|reference| {
+        let grad = reference.get(name).ok_or("fixture lacks the gradient")?;
+        let reshaped = grad.reshape((1, grad.elem_count()))?;
+        reference.insert(name.to_owned(), reshaped);
+        Ok(())
+    })?;
     let err = result
         .err()
         .ok_or("a misshapen reference must fail")?
