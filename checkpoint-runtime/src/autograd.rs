@@ -6,7 +6,7 @@
 //! them, not in candle's graph. The anchor is a one-element `Var`: without a tracked operand,
 //! candle records nothing and the backward (with every parameter gradient) would never run.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Segment};
 use crate::store::Saved;
+use crate::sync::lock;
 
 /// The state a checkpointed stack keeps between its forward and its backward.
 pub(crate) struct Stack<L, K> {
@@ -64,9 +65,7 @@ pub(crate) struct StackOp<L, K> {
 
 impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
     fn take_output(&self) -> candle_core::Result<Tensor> {
-        self.output
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.output)
             .take()
             .ok_or_else(|| candle_core::Error::msg("checkpoint stack output was already taken"))
     }
@@ -94,23 +93,17 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
 
     fn backward(&self, grad: &Tensor) -> crate::Result<Tensor> {
         let mode = self.shared.policy.mode();
-        // Inside another stack's backward (its recomputed segment reaches this stack through a
-        // keyword argument, or runs it as a nested stack).
-        let nested = self.shared.backward_depth() > 0;
-        let _depth = self.shared.enter_backward();
-        let stack = self
-            .stack
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| {
-                let layer = describe::<L, K>(0);
-                if nested {
-                    Error::StackInKeywordArgument { layer, mode }
-                } else {
-                    Error::BackwardTwice { layer, mode }
-                }
-            })?;
+        // Nested: inside another stack's backward, whose recomputed segment reaches this stack
+        // through a keyword argument or runs it as a nested stack.
+        let depth = self.shared.enter_backward();
+        let stack = lock(&self.stack).take().ok_or_else(|| {
+            let layer = describe::<L, K>(0);
+            if depth.nested {
+                Error::StackInKeywordArgument { layer, mode }
+            } else {
+                Error::BackwardTwice { layer, mode }
+            }
+        })?;
         let Stack { calls, saved } = stack;
         // The boundaries, in the order this backward takes them (disk files are loaded ahead).
         let readers = self

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::mem;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
@@ -19,6 +19,7 @@ use crate::policy::{Mode, Placement, Policy, Segment};
 use crate::stats::Stats;
 use crate::store::disk::DiskConfig;
 use crate::store::{Boundary, Readers, Saved, Stores, tensor_bytes};
+use crate::sync::lock;
 
 /// Runs layer stacks under a checkpointing [`Policy`] and computes complete gradients.
 ///
@@ -88,17 +89,16 @@ pub(crate) struct Shared {
 }
 
 /// Counts one stack backward for as long as it runs, unwinding included.
-pub(crate) struct BackwardDepth<'a>(&'a AtomicUsize);
+pub(crate) struct BackwardDepth<'a> {
+    depth: &'a AtomicUsize,
+    /// Whether another stack's backward was already running (this one is nested in it).
+    pub(crate) nested: bool,
+}
 
 impl Drop for BackwardDepth<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.depth.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere leaves no invariant half-updated in these maps: keep going.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
@@ -167,8 +167,11 @@ impl Shared {
 
     /// Counts a stack backward until the returned guard drops.
     pub(crate) fn enter_backward(&self) -> BackwardDepth<'_> {
-        self.depth.fetch_add(1, Ordering::SeqCst);
-        BackwardDepth(&self.depth)
+        let outer = self.depth.fetch_add(1, Ordering::SeqCst);
+        BackwardDepth {
+            depth: &self.depth,
+            nested: outer > 0,
+        }
     }
 
     pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {

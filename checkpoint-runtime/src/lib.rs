@@ -66,6 +66,7 @@ mod partial;
 mod policy;
 mod stats;
 mod store;
+mod sync;
 
 pub use budget::{BudgetPlan, DISK_BANDWIDTH, HOST_BANDWIDTH, LayerCost, plan_budget};
 pub use checkpoint_derive::checkpointable;

@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use candle_core::{Device, Tensor};
 
 use super::{BoundaryStore, Fetched, file};
 use crate::error::{Error, Result};
+use crate::sync::lock;
 
 /// Where and how boundaries go to disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +93,7 @@ struct Open {
 impl Drop for DiskStore {
     /// Closes the writer's queue and waits for it to finish what it was given.
     fn drop(&mut self) {
-        if let Some(Open { queue, writer, .. }) = self.lock().take() {
+        if let Some(Open { queue, writer, .. }) = lock(&self.open).take() {
             drop(queue);
             let _ = writer.join();
         }
@@ -112,7 +113,7 @@ impl DiskStore {
     /// Waits until every boundary handed over so far is on disk; the first failed write.
     pub(crate) fn flush(&self) -> Result<()> {
         let files: Vec<Arc<BoundaryFile>> = {
-            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut pending = lock(&self.pending);
             pending.retain(|w| w.strong_count() > 0);
             pending.iter().filter_map(Weak::upgrade).collect()
         };
@@ -121,15 +122,11 @@ impl DiskStore {
 
     /// The private directory, once the first boundary created it.
     pub(crate) fn dir(&self) -> Option<PathBuf> {
-        self.lock().as_ref().map(|o| o.dir.path.clone())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Open>> {
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.open).as_ref().map(|o| o.dir.path.clone())
     }
 
     fn open(&self, layer: &str) -> Result<(Arc<PrivateDir>, SyncSender<Job>)> {
-        let mut open = self.lock();
+        let mut open = lock(&self.open);
         if let Some(o) = open.as_ref() {
             return Ok((Arc::clone(&o.dir), o.queue.clone()));
         }
@@ -199,7 +196,7 @@ impl BoundaryStore for DiskStore {
             written: Mutex::new(WriteState::Pending(written)),
             _dir: dir,
         });
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pending = lock(&self.pending);
         // Forget files already gone before the list would grow: it stays as long as the files
         // alive at once, amortised, rather than one entry per boundary ever written.
         if pending.len() == pending.capacity() {
@@ -375,7 +372,7 @@ impl std::fmt::Debug for BoundaryFile {
 impl BoundaryFile {
     /// Waits for the writer to finish this file.
     fn written(&self) -> Result<Written> {
-        let mut state = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.written);
         let written = match &*state {
             WriteState::Done(w) => return Ok(*w),
             WriteState::Pending(rx) => rx

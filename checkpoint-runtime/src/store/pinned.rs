@@ -12,7 +12,7 @@
 //! - Every pinned buffer carries its own event (cudarc records it after each copy and waits on it
 //!   before the next), so a buffer back in the pool is never overwritten while a copy reads it.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -25,13 +25,10 @@ use candle_core::{Shape, Storage, Tensor};
 use super::pool::{Buffer, Pool};
 use super::{BoundaryStore, Fetched, tensor_bytes};
 use crate::error::{Error, Result};
+use crate::sync::lock;
 
 fn driver(e: impl std::fmt::Display + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::wrap(format!("CUDA host offload: {e}"))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A pinned host buffer of one of the float dtypes boundaries can have.
