@@ -1,0 +1,1 @@
+//! Qwen2-MoE (Hugging Face `Qwen2MoeForCausalLM`) written with `#[checkpointable]`.
