@@ -78,6 +78,47 @@ pub enum Error {
         tolerance: f64,
     },
 
+    /// `--model DIR` has no `tokenizer.json`, and `--bytes` was not given.
+    #[error(
+        "{} has no tokenizer.json: the checkpoint's token ids are its tokenizer's, so training it \
+         on raw bytes would teach it nonsense. Fix: put the checkpoint's tokenizer.json in the \
+         directory, or pass --bytes to train on byte ids anyway",
+        dir.display()
+    )]
+    MissingTokenizer {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+
+    /// A tokenizer file is unusable, or does not fit the model.
+    #[error("{}: {message}", path.display())]
+    Tokenizer {
+        /// `tokenizer.json` or `tokenizer_config.json`.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        message: String,
+    },
+
+    /// The checkpoint's chat template cannot be compiled or rendered.
+    #[error("the chat_template of {}: {message}", path.display())]
+    ChatTemplate {
+        /// The `tokenizer_config.json` that holds the template.
+        path: PathBuf,
+        /// The template engine's message (it names the template line), and what to do.
+        message: String,
+    },
+
+    /// One line of a JSONL data file is unusable.
+    #[error("{}, line {line}: {message}", path.display())]
+    DataLine {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with the line, and what the line should hold.
+        message: String,
+    },
+
     /// The checkpointing engine failed (it names the layer and the mode).
     #[error(transparent)]
     Checkpoint(Box<checkpoint_runtime::Error>),

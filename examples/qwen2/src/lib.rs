@@ -3,8 +3,9 @@
 //!
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
-//! back out), [`data`] (byte-level batches), [`train`] and [`verify`] (parity against a
-//! reference file).
+//! back out), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
+//! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
+//! an eval split), [`train`] and [`verify`] (parity against a reference file).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -24,6 +25,7 @@
 //! ```
 
 pub mod attention;
+pub mod chat;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -35,6 +37,7 @@ pub mod model;
 pub mod nn;
 pub mod rope;
 pub mod save;
+pub mod tokenizer;
 pub mod train;
 pub mod verify;
 

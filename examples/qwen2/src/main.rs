@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! qwen2 train                                   # small random-init model on the bundled text
-//! qwen2 train --model DIR --checkpoint recompute
+//! qwen2 train --model DIR --checkpoint recompute   # DIR's tokenizer.json tokenizes the data
+//! qwen2 train --model DIR --data chat.jsonl --pack --eval-fraction 0.1 --eval-every 20
 //! qwen2 train --checkpoint offload-disk --offload-dir DIR --prefetch 2 --keep-last 1
 //! qwen2 train --checkpoint offload-disk --budget-mib 1   # per-layer plan, printed per shape
 //! qwen2 train --save DIR                        # then: qwen2 train --model DIR
@@ -17,7 +18,9 @@ use candle_core::{DType, Device};
 use checkpoint_runtime::{DiskConfig, Mode};
 use clap::{Args, Parser, Subcommand};
 
-use qwen2::data::{BUNDLED_TEXT, ByteDataset};
+use qwen2::chat::ChatTemplate;
+use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
+use qwen2::tokenizer::Tokenizer;
 use qwen2::train::{CheckpointOptions, TrainConfig};
 use qwen2::{Config, Error, Result, loader};
 
@@ -30,7 +33,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train on a byte-level text (the bundled public-domain chapter by default).
+    /// Train on a text or JSONL file (the bundled public-domain chapter by default), tokenized
+    /// with the checkpoint's tokenizer (bytes for the random-init model).
     Train(TrainArgs),
     /// Compare logits, loss and every gradient with a reference file; non-zero exit above
     /// tolerance.
@@ -91,17 +95,35 @@ impl PolicyArgs {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// A Hugging Face Qwen2 checkpoint directory; default: a small random-init model.
+    /// A Hugging Face Qwen2 checkpoint directory (config.json, safetensors, tokenizer.json;
+    /// tokenizer_config.json's chat_template for chat data); default: a small random-init
+    /// byte-level model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Train on this text instead of the bundled one (bytes are the tokens).
+    /// Train on byte ids instead of the checkpoint's tokenizer (the default without --model).
     #[arg(long)]
+    bytes: bool,
+    /// Train on this file instead of the bundled text: plain text (paragraphs), or `.jsonl`
+    /// with one {"text": ...} or {"messages": [{"role", "content"}, ...]} object per line
+    /// (chat: rendered with the chat template, loss on assistant tokens only).
+    #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// Concatenate the examples and cut them into rows of exactly --seq-len tokens, instead
+    /// of truncating each longer example to --seq-len.
+    #[arg(long)]
+    pack: bool,
+    /// Hold out this share of the examples (chosen with --seed) and report the loss and
+    /// perplexity on them after the last step.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    eval_fraction: f64,
+    /// With --eval-fraction: also evaluate every N steps.
+    #[arg(long, value_name = "N", requires = "eval_fraction")]
+    eval_every: Option<usize>,
     #[command(flatten)]
     policy: PolicyArgs,
     #[arg(long, default_value_t = 60)]
     steps: usize,
-    /// Longest example, in bytes; batches are right-padded to their longest example.
+    /// Longest example, in tokens; batches are right-padded to their longest example.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
@@ -195,6 +217,11 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     }
     let device = device()?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    // The tokenizer before the weights: a checkpoint without one fails at once.
+    let (tokenizer, template) = match &args.model {
+        Some(dir) if !args.bytes => (Tokenizer::from_dir(dir)?, ChatTemplate::from_dir(dir)?),
+        _ => (Tokenizer::bytes(), None),
+    };
     let loaded = match &args.model {
         Some(dir) => loader::load(dir, dtype, &device)?,
         None => loader::random(&Config::tiny_bytes(), args.seed, dtype, &device)?,
@@ -202,15 +229,23 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     for name in &loaded.unused {
         eprintln!("warning: tensor `{name}` in the checkpoint is not used by the model");
     }
-    let text = match &args.data {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e,
-        })?,
-        None => BUNDLED_TEXT.to_owned(),
-    };
     let cfg = &loaded.config;
-    let mut data = ByteDataset::new(&text, args.seq_len, cfg.vocab_size, args.seed)?;
+    tokenizer.check_vocab(cfg.vocab_size)?;
+    let examples = match &args.data {
+        Some(path) => data::file_examples(path, &tokenizer, template.as_ref(), args.seq_len)?,
+        None => data::text_examples(BUNDLED_TEXT, &tokenizer, args.seq_len)?,
+    };
+    let read = examples.len();
+    let mut data = Dataset::new(
+        examples,
+        &DataOptions {
+            seq_len: args.seq_len,
+            pack: args.pack,
+            eval_fraction: args.eval_fraction,
+            vocab_size: cfg.vocab_size,
+            seed: args.seed,
+        },
+    )?;
     let n_params: usize = loaded.params.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
         "model: {} ({} layers, hidden {}, {n_params} parameters, {dtype:?} on {})",
@@ -223,9 +258,30 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         if device.is_cuda() { "cuda:0" } else { "cpu" },
     );
     eprintln!(
-        "data: {} examples of at most {} bytes; batch {}, {} steps, lr {:.1e}; checkpoint {options}",
+        "data: {} ({read} examples, {}), tokens: {}",
+        args.data.as_ref().map_or_else(
+            || "the bundled text".to_owned(),
+            |p| p.display().to_string()
+        ),
+        match (&args.data, template.is_some()) {
+            (Some(path), true) if data::is_jsonl(path) =>
+                "jsonl; chats in the checkpoint's template, loss on assistant tokens",
+            (Some(path), false) if data::is_jsonl(path) => "jsonl",
+            _ => "plain text, cut at blank lines",
+        },
+        tokenizer
+            .path()
+            .map_or_else(|| "bytes".to_owned(), |p| p.display().to_string()),
+    );
+    eprintln!(
+        "rows: {} train, {} eval, at most {} tokens{} ({} truncated, {} without a target \
+         dropped); batch {}, {} steps, lr {:.1e}; checkpoint {options}",
         data.len(),
+        data.eval_rows().len(),
         args.seq_len,
+        if args.pack { ", packed" } else { "" },
+        data.truncated(),
+        data.dropped(),
         args.batch,
         args.steps,
         args.lr,
@@ -237,6 +293,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         warmup: args.warmup,
         clip: args.clip,
         weight_decay: args.weight_decay,
+        eval_every: args.eval_every,
         ..TrainConfig::default()
     };
     let ckpt = options.checkpointer()?;

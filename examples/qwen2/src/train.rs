@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Policy, Stats};
 
-use crate::data::ByteDataset;
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::loss::causal_lm_loss;
 use crate::model::Qwen2;
@@ -194,6 +194,9 @@ pub struct TrainConfig {
     pub clip: f64,
     /// AdamW weight decay, applied to matrices (not to norms and biases).
     pub weight_decay: f64,
+    /// Evaluate on the data's held-out rows every N steps (and after the last step);
+    /// `None`: after the last step only. Nothing without held-out rows.
+    pub eval_every: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -206,6 +209,7 @@ impl Default for TrainConfig {
             min_lr_ratio: 0.1,
             clip: 1.0,
             weight_decay: 0.1,
+            eval_every: None,
         }
     }
 }
@@ -244,6 +248,74 @@ pub struct Summary {
     /// What the engine did over the run: boundary bytes per location (of the largest step),
     /// peak, and recompute time, transfer time and prefetch hits and waits summed over steps.
     pub stats: Stats,
+    /// The evaluations on held-out rows, in step order.
+    pub evals: Vec<Eval>,
+}
+
+/// The model on held-out rows after some step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Eval {
+    /// Steps done when it was measured.
+    pub step: usize,
+    /// Mean cross-entropy per predicted token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Predicted tokens it averages over.
+    pub targets: usize,
+}
+
+impl std::fmt::Display for Eval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "eval after step {}: loss {:.4}, perplexity {:.2} ({} tokens)",
+            self.step, self.loss, self.perplexity, self.targets
+        )
+    }
+}
+
+/// The loss of `model` on `data`'s held-out rows (in batches of `batch`), after `step` steps:
+/// the mean over every predicted token, as transformers' `Trainer.evaluate` reports it.
+/// Forward only, without the engine (nothing is differentiated); `None` without held-out rows.
+///
+/// # Errors
+/// A candle error, or a non-finite loss.
+pub fn evaluate(
+    model: &Qwen2,
+    data: &Dataset,
+    batch: usize,
+    step: usize,
+    device: &Device,
+) -> Result<Option<Eval>> {
+    let (mut sum, mut targets) = (0.0, 0);
+    for rows in data.eval_batches(batch, device) {
+        let batch = rows?;
+        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
+        let loss = causal_lm_loss(&logits, &batch.labels)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        #[allow(clippy::cast_precision_loss)]
+        let weight = batch.targets as f64;
+        sum += f64::from(loss) * weight;
+        targets += batch.targets;
+    }
+    if targets == 0 {
+        return Ok(None);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let loss = sum / targets as f64;
+    if !loss.is_finite() {
+        return Err(Error::Data(format!(
+            "after step {step}: the eval loss is {loss}; lower --lr"
+        )));
+    }
+    Ok(Some(Eval {
+        step,
+        loss,
+        perplexity: loss.exp(),
+        targets,
+    }))
 }
 
 impl Summary {
@@ -288,26 +360,47 @@ impl std::fmt::Display for Summary {
             self.mode,
             self.losses.len()
         )?;
-        write!(f, "{}", self.stats)
+        write!(f, "{}", self.stats)?;
+        if let (Some(first), Some(last)) = (self.evals.first(), self.evals.last()) {
+            write!(
+                f,
+                "\neval loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2} (steps {} -> {}, {} \
+                 held-out tokens)",
+                first.loss,
+                last.loss,
+                first.perplexity,
+                last.perplexity,
+                first.step,
+                last.step,
+                last.targets
+            )?;
+        }
+        Ok(())
     }
 }
 
 /// Trains `model` (whose parameters are `params`) on batches from `data`, every stack through
-/// `ckpt`. Prints a progress line to stderr and calls `after_step` with the number of steps
-/// done after each optimizer step (to save the model, say).
+/// `ckpt`. Prints a progress line to stderr, evaluates on `data`'s held-out rows as
+/// `cfg.eval_every` says (printing each result), and calls `after_step` with the number of
+/// steps done after each optimizer step (to save the model, say).
 ///
 /// # Errors
 /// A candle or engine error (naming the layer), a non-finite loss, a parameter that receives
-/// no gradient (checked on the first step), or the error of `after_step`.
+/// no gradient (checked on the first step), `cfg.eval_every` of 0, or the error of `after_step`.
 pub fn train(
     model: &Qwen2,
     params: &[(String, Var)],
-    data: &mut ByteDataset,
+    data: &mut Dataset,
     ckpt: &Checkpointer,
     cfg: &TrainConfig,
     device: &Device,
     mut after_step: impl FnMut(usize) -> Result<()>,
 ) -> Result<Summary> {
+    if cfg.eval_every == Some(0) {
+        return Err(Error::Data(
+            "--eval-every 0: evaluate every 1 or more steps".to_owned(),
+        ));
+    }
     let (matrices, vectors): (Vec<Var>, Vec<Var>) = params
         .iter()
         .map(|(_, v)| v.clone())
@@ -332,6 +425,7 @@ pub fn train(
     let mut stats = Stats::default();
     let mut peak_gpu = None;
     let mut plans_printed = Vec::new();
+    let mut evals = Vec::new();
     for step in 0..cfg.steps {
         let lr = cfg.lr_at(step);
         decayed.set_learning_rate(lr);
@@ -371,7 +465,15 @@ pub fn train(
         #[allow(clippy::cast_precision_loss)]
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         progress.update(step + 1, loss, lr, norm, tps, gpu);
-        after_step(step + 1)?;
+        let done = step + 1;
+        if done == cfg.steps || cfg.eval_every.is_some_and(|n| done.is_multiple_of(n)) {
+            if let Some(eval) = evaluate(model, data, cfg.batch, done, device)? {
+                progress.clear_line();
+                eprintln!("{eval}");
+                evals.push(eval);
+            }
+        }
+        after_step(done)?;
     }
     drop(progress);
     Ok(Summary {
@@ -382,6 +484,7 @@ pub fn train(
         peak_rss: peak_rss_bytes(),
         peak_gpu,
         stats,
+        evals,
     })
 }
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Placement, Policy};
 use checkpoint_tests::compare::max_abs_diff;
 use checkpoint_tests::temp::TempDir;
-use qwen2::data::{ByteDataset, collate};
+use qwen2::data::{Dataset, collate};
 use qwen2::loader::{self, Loaded};
 use qwen2::loss::causal_lm_loss;
 use qwen2::train::{CheckpointOptions, TrainConfig, train};
@@ -246,7 +246,7 @@ fn a_short_training_run_lowers_the_loss() -> TestResult {
     let dev = Device::Cpu;
     let loaded = loader::load(&fixture(), DType::F32, &dev)?;
     let text = "It is a truth universally acknowledged. ".repeat(8);
-    let mut data = ByteDataset::new(&text, 24, loaded.config.vocab_size, 7)?;
+    let mut data = Dataset::bytes(&text, 24, loaded.config.vocab_size, 7)?;
     let cfg = TrainConfig {
         steps: 8,
         batch: 2,
@@ -290,7 +290,7 @@ fn disk_offload_trains_exactly_like_the_plain_graph() -> TestResult {
         },
     ] {
         let loaded = loader::load(&fixture(), DType::F32, &dev)?;
-        let mut data = ByteDataset::new(&text, 24, loaded.config.vocab_size, 7)?;
+        let mut data = Dataset::bytes(&text, 24, loaded.config.vocab_size, 7)?;
         let ckpt = options.checkpointer()?;
         let summary = train(
             &loaded.model,

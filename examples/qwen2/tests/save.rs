@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use checkpoint_runtime::{Checkpointer, Policy};
 use checkpoint_tests::compare::max_abs_diff;
 use checkpoint_tests::temp::TempDir;
-use qwen2::data::{BUNDLED_TEXT, ByteDataset};
+use qwen2::data::{BUNDLED_TEXT, Dataset};
 use qwen2::train::{TrainConfig, train};
 use qwen2::{Config, Error, loader, save};
 
@@ -70,7 +70,7 @@ fn a_run_that_stops_keeps_its_last_periodic_save() -> TestResult {
     let cfg = Config::tiny_bytes();
     let dev = Device::Cpu;
     let model = loader::random(&cfg, 3, DType::F32, &dev)?;
-    let mut data = ByteDataset::new(BUNDLED_TEXT, 32, cfg.vocab_size, 3)?;
+    let mut data = Dataset::bytes(BUNDLED_TEXT, 32, cfg.vocab_size, 3)?;
     let run = TrainConfig {
         steps: 4,
         batch: 2,
