@@ -6,7 +6,7 @@
 //! qwen2 train --model DIR --data chat.jsonl --pack --eval-fraction 0.1 --eval-every 20
 //! qwen2 train --checkpoint offload-disk --offload-dir DIR --prefetch 2 --keep-last 1
 //! qwen2 train --checkpoint offload-disk --budget-mib 1   # per-layer plan, printed per shape
-//! qwen2 train --save DIR                        # then: qwen2 train --model DIR
+//! qwen2 train --save DIR                        # then: qwen2 train --model DIR --bytes
 //! qwen2 verify --model DIR --reference FILE [--checkpoint MODE]
 //! ```
 
@@ -258,7 +258,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         if device.is_cuda() { "cuda:0" } else { "cpu" },
     );
     eprintln!(
-        "data: {} ({read} examples, {}), tokens: {}",
+        "data: {} ({read} examples, {}); tokenizer: {}",
         args.data.as_ref().map_or_else(
             || "the bundled text".to_owned(),
             |p| p.display().to_string()
@@ -322,6 +322,13 @@ fn run_train(args: &TrainArgs) -> Result<()> {
             qwen2::save::FILES.join(" and "),
             dir.display()
         );
+        if tokenizer.is_bytes() {
+            // No tokenizer.json is saved: the ids are bytes, and `--model` needs to be told.
+            println!(
+                "byte-level model: train it further with --model {} --bytes",
+                dir.display()
+            );
+        }
     }
     Ok(())
 }

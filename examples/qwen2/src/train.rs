@@ -466,12 +466,11 @@ pub fn train(
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         progress.update(step + 1, loss, lr, norm, tps, gpu);
         let done = step + 1;
-        if done == cfg.steps || cfg.eval_every.is_some_and(|n| done.is_multiple_of(n)) {
-            if let Some(eval) = evaluate(model, data, cfg.batch, done, device)? {
-                progress.clear_line();
-                eprintln!("{eval}");
-                evals.push(eval);
-            }
+        let eval_now = done == cfg.steps || cfg.eval_every.is_some_and(|n| done.is_multiple_of(n));
+        if eval_now && let Some(eval) = evaluate(model, data, cfg.batch, done, device)? {
+            progress.clear_line();
+            eprintln!("{eval}");
+            evals.push(eval);
         }
         after_step(done)?;
     }

@@ -130,7 +130,7 @@ fn an_unwritable_save_directory_is_named() -> TestResult {
 }
 
 /// The CLI end to end: `train --save DIR` writes a checkpoint of the trained weights, which
-/// `train --model DIR` trains further; a bad `--save` fails before training.
+/// `train --model DIR --bytes` trains further; a bad `--save` fails before training.
 #[test]
 fn the_cli_saves_what_it_trained() -> TestResult {
     let tmp = TempDir::new("qwen2-save-cli")?;
@@ -166,7 +166,11 @@ fn the_cli_saves_what_it_trained() -> TestResult {
         "untrained tensors were saved: {moved:?}"
     );
 
+    // A byte-level model has no tokenizer.json: --bytes says its ids are bytes.
     let out = cli(&["--model", dir_arg])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bytes"));
+    let out = cli(&["--model", dir_arg, "--bytes"])?;
     assert!(
         out.status.success(),
         "{}",
