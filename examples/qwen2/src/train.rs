@@ -276,8 +276,8 @@ impl std::fmt::Display for Eval {
 }
 
 /// The loss of `model` on `data`'s held-out rows (in batches of `batch`), after `step` steps:
-/// the mean over every predicted token, as transformers' `Trainer.evaluate` reports it.
-/// Forward only, without the engine (nothing is differentiated); `None` without held-out rows.
+/// the mean over every predicted token (so independent of how the rows are batched). Forward
+/// only, without the engine (nothing is differentiated); `None` without held-out rows.
 ///
 /// # Errors
 /// A candle error, or a non-finite loss.
