@@ -60,22 +60,9 @@ fn own(layers: &[Block], xs: &Tensor) -> Result<Tensor> {
     Ok(ys)
 }
 
-/// The output and the gradients of the weights.
-fn run(
-    layers: &[Block],
-    f: impl Fn(&Tensor) -> Result<Tensor>,
-    xs: &Tensor,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let ys = f(xs)?;
-    let grads = ys.sum_all()?.backward()?;
-    let mut dw = Vec::new();
-    for layer in layers {
-        if let Some(g) = grads.get(layer.w.as_tensor()) {
-            dw.push(g.to_scalar::<f32>()?);
-        }
-    }
-    assert_eq!(dw.len(), layers.len(), "every weight has a gradient");
-    Ok((ys.to_vec1::<f32>()?, dw))
+/// The output of `f`.
+fn run(_layers: &[Block], f: impl Fn(&Tensor) -> Result<Tensor>, xs: &Tensor) -> Result<Vec<f32>> {
+    f(xs)?.to_vec1::<f32>()
 }
 
 fn main() -> Result<()> {
