@@ -206,8 +206,10 @@ pub(crate) fn layer_method(
         };
         match where_clause {
             Some(w) if !w.predicates.is_empty() => {
-                let preds = &w.predicates;
-                quote!(where #preds, #bound)
+                // Each predicate with its own comma: the user's list may end in one already
+                // (rustfmt's multi-line style).
+                let preds = w.predicates.iter();
+                quote!(where #(#preds,)* #bound)
             }
             _ => quote!(where #bound),
         }

@@ -9,8 +9,8 @@ use syn::spanned::Spanned;
 use syn::visit::Visit;
 use syn::visit_mut::{self, VisitMut};
 use syn::{
-    Attribute, Block, Expr, ExprForLoop, ExprMethodCall, Ident, ImplItem, ItemImpl, Local,
-    LocalInit, Pat, Stmt,
+    Attribute, Block, Expr, ExprForLoop, ExprMethodCall, ExprPath, Ident, ImplItem, ItemImpl,
+    Local, LocalInit, Pat, Stmt, Type,
 };
 
 use super::expand::hidden_twin;
@@ -379,9 +379,10 @@ fn invocation<'a>(expr: &'a Expr, rt: &TokenStream) -> syn::Result<Invocation<'a
         Expr::Call(call) => {
             let mut args = call.args.iter();
             if let Expr::Path(path) = &*call.func
-                && path.path.segments.len() >= 2
+                && (path.qself.is_some() || path.path.segments.len() >= 2)
             {
-                // UFCS: `Layer::method(layer, &xs, ..)`.
+                // A path call: `Layer::method(layer, &xs, ..)`.
+                let twin = path_twin(path)?;
                 let (Some(receiver), Some(carry)) = (args.next(), args.next()) else {
                     return Err(unsupported(
                         call,
@@ -390,17 +391,8 @@ fn invocation<'a>(expr: &'a Expr, rt: &TokenStream) -> syn::Result<Invocation<'a
                     ));
                 };
                 let kwargs: Vec<&Expr> = args.collect();
-                let method = path
-                    .path
-                    .segments
-                    .last()
-                    .map(|s| hidden_twin(&s.ident))
-                    .ok_or_else(|| unsupported(path, "expected a method path"))?;
                 let pair = quote_spanned! {receiver.span()=>
-                    {
-                        use #rt::Probe as _;
-                        (#receiver).__ckpt_probe().#method(#(#kwargs),*)
-                    }
+                    #twin(#receiver, #(#kwargs),*)
                 };
                 return Ok(Invocation {
                     pair,
@@ -431,6 +423,66 @@ fn invocation<'a>(expr: &'a Expr, rt: &TokenStream) -> syn::Result<Invocation<'a
             "expected a layer invocation here (a method call or a path call).",
         )),
     }
+}
+
+/// The hidden twin of a path call's method, through the same path: `Block::forward` →
+/// `Block::__checkpointable_forward`, `<Block>::forward` → `<Block>::__checkpointable_forward`.
+///
+/// Resolving the twin through the user's own path keeps the path's meaning: it compiles only
+/// where the path names a checkpointable layer type (or `Self`), whose inherent method is the one
+/// the engine re-runs. A trait's method (`Module::forward`, `<Block as Module>::forward`) may
+/// compute something else, so naming one is an error instead of a silent switch of methods.
+fn path_twin(path: &ExprPath) -> syn::Result<TokenStream> {
+    let Some(method) = path.path.segments.last() else {
+        return Err(unsupported(path, "expected a method path."));
+    };
+    let name = &method.ident;
+    if !method.arguments.is_none() {
+        return Err(unsupported(
+            &method.arguments,
+            "a checkpointable method takes no type arguments.",
+        ));
+    }
+    if let Some(qself) = &path.qself {
+        let trait_object = matches!(*qself.ty, Type::TraitObject(_) | Type::ImplTrait(_));
+        if qself.position > 0 || trait_object {
+            let own = if trait_object {
+                format!("`Layer::{name}(layer, &xs, ..)` (naming the layer's type)")
+            } else {
+                format!("`{}::{name}(layer, &xs, ..)`", shown(&qself.ty))
+            };
+            return Err(syn::Error::new_spanned(
+                path,
+                format!(
+                    "`{}` calls a trait's `{name}`, but `#[checkpoint]` runs the layer's own \
+                     `{name}` (the inherent method that its `#[checkpointable]` impl makes \
+                     checkpointable), which may compute something else: to checkpoint the \
+                     layer's own method, write {own} or `layer.{name}(&xs, ..)`; to call the \
+                     trait's method, remove `#[checkpoint]` from this statement",
+                    shown(path)
+                ),
+            ));
+        }
+    }
+    let twin = hidden_twin(name);
+    let mut prefix = path.clone();
+    if let Some(mut last) = prefix.path.segments.pop() {
+        last.value_mut().ident = twin;
+        prefix.path.segments.push(last.into_value());
+    }
+    Ok(prefix.to_token_stream())
+}
+
+/// `tokens` as code in a message: `<Block as Module>::forward` rather than the token string's
+/// `< Block as Module > :: forward`.
+fn shown(tokens: &dyn ToTokens) -> String {
+    token_string(tokens)
+        .replace(" :: ", "::")
+        .replace(":: ", "::")
+        .replace("< ", "<")
+        .replace(" <", "<")
+        .replace(" >", ">")
+        .replace(" ,", ",")
 }
 
 /// Does `tokens` mention the identifier `name`, directly or captured by a format string
