@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of the Qwen2 example, for a CUDA machine with nvcc and no network, in one call of
-# at most 8 minutes: build with --features cuda, run the pinned host store's unit test, `verify`
-# on the fixture for every mode (none, recompute, offload-host, offload-disk) and for a memory
-# budget, a short training run per mode, and print a table with the engine's boundary bytes and
-# transfer time per mode.
+# GPU check of the runtime and the Qwen2 example, for a CUDA machine with nvcc and no network, in
+# one call of at most 8 minutes. First the boundary ordering test (checkpoint-runtime's
+# tests/gpu_ordering.rs: every layer ends in a chain of 4096 x 4096 matmuls that writes the
+# boundary stored next, and offload-disk / offload-host / recompute must give mode none's
+# gradients bit for bit, the disk files the forward's carries bit for bit), then the pinned host
+# store's unit test; then build qwen2 with --features cuda, `verify` on the fixture for every mode
+# (none, recompute, offload-host, offload-disk) and for a memory budget, a short training run per
+# mode, and print a table with the engine's boundary bytes and transfer time per mode.
 #
 # Crates must travel with the tree. On a machine with network, from the repository root:
 #
@@ -16,7 +19,8 @@
 #
 # Environment: CUDA_COMPUTE_CAP (default: from nvidia-smi), STEPS (training steps per mode,
 # default 20), BUDGET_S (total seconds, default 470). FEATURES= (empty) is a dry run of the
-# script itself on a CPU machine: no GPU probe, no cuda feature.
+# script itself on a CPU machine: no GPU probe, no cuda feature (the ordering test runs its CPU
+# case, the pinned store test is skipped).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -58,7 +62,60 @@ else
     echo "crates: no vendor/ directory, using the local registry cache (see the header)"
 fi
 
-echo "== build ($(left) s left)"
+mkdir -p target
+declare -a rows
+
+# outcome RC OUTPUT OK_TEXT: OK_TEXT, or FAIL with the error's start.
+outcome() {
+    if [ "$1" = 0 ]; then echo "$3"
+    else echo "FAIL (rc $1): $(printf '%s\n' "$2" | grep '^error' | head -n 1 | cut -c8-60)"; fi
+}
+
+# test_outcome RC OUTPUT: pass, or FAIL with the start of the first panic message or error.
+test_outcome() {
+    if [ "$1" = 0 ]; then echo pass; return; fi
+    local why
+    why=$(printf '%s\n' "$2" | sed -n '/panicked at/{n;p;q}')
+    [ -n "$why" ] || why=$(printf '%s\n' "$2" | grep -m1 -E '^error' )
+    echo "FAIL (rc $1): $(printf '%s' "$why" | cut -c1-60)"
+}
+
+runtime_args=(--offline --release -p checkpoint-runtime "${source_args[@]}")
+[ -n "$features" ] && runtime_args+=(--features "$features")
+
+# The runtime's tests first: the ordering test must see a failure before anything else runs.
+echo "== build the runtime's tests ($(left) s left)"
+t0=$(date +%s)
+timeout $(( $(left) - 90 )) cargo test "${runtime_args[@]}" --lib --test gpu_ordering --no-run \
+    > target/gpu-check-test-build.log 2>&1
+trc=$?
+tail -n 5 target/gpu-check-test-build.log
+if [ $trc != 0 ]; then
+    echo "test build failed (rc $trc; 124 = out of time); full log: target/gpu-check-test-build.log"
+    exit 1
+fi
+
+# Boundaries written by long kernel chains, then offloaded: exact gradients, exact files.
+echo "== boundary ordering test ($(left) s left)"
+o=$(timeout 120 cargo test "${runtime_args[@]}" --test gpu_ordering -- --nocapture 2>&1)
+orc=$?
+printf '%s\n' "$o" | grep -E '^(test |offload|recompute|thread|skipped)|panicked|differ|hold' | head -n 20
+ms=$(printf '%s\n' "$o" | sed -n 's/^\(offload-disk\|offload-host\|recompute\): \([0-9]*\) ms$/\1 \2/p' \
+    | tail -n 3 | paste -sd, - | sed 's/,/, /g')
+rows+=("ordering|$(test_outcome $orc "$o")|exact grads + files|(test) ${ms:+$ms ms}|||")
+
+# The pinned host store on its own: every dtype back bit for bit, buffers reused across steps.
+if [ -n "$features" ] && [ "$(left)" -ge 120 ]; then
+    echo "== pinned store test ($(left) s left)"
+    p=$(timeout $(( $(left) - 90 )) cargo test "${runtime_args[@]}" --lib store::pinned \
+        -- --nocapture 2>&1)
+    prc=$?
+    printf '%s\n' "$p" | grep -E '^(test |step|F|BF|thread|error)|boundaries back' | tail -n 14
+    rows+=("pinned store|$(test_outcome $prc "$p")|exact, 4 dtypes|(unit test)|||")
+fi
+tests_s=$(( $(date +%s) - t0 ))
+
+echo "== build qwen2 ($(left) s left)"
 t0=$(date +%s)
 timeout $(( $(left) - 60 )) cargo build "${cargo_args[@]}" > target/gpu-check-build.log 2>&1
 brc=$?
@@ -69,12 +126,6 @@ fi
 build_s=$(( $(date +%s) - t0 ))
 bin=target/release/qwen2
 fixture=tests/fixtures/qwen2-tiny
-
-# outcome RC OUTPUT OK_TEXT: OK_TEXT, or FAIL with the error's start.
-outcome() {
-    if [ "$1" = 0 ]; then echo "$3"
-    else echo "FAIL (rc $1): $(printf '%s\n' "$2" | grep '^error' | head -n 1 | cut -c8-60)"; fi
-}
 
 # stat OUTPUT LABEL: the value of one row of the engine's Stats table ("| LABEL | VALUE |").
 stat() {
@@ -89,17 +140,6 @@ where() {
     [ -n "$d" ] && echo "$d / $h / $k, xfer $(stat "$1" 'transfer time')"
 }
 
-declare -a rows
-
-# The pinned host store on its own: every dtype back bit for bit, buffers reused across steps.
-if [ -n "$features" ] && [ "$(left)" -ge 120 ]; then
-    echo "== pinned store test ($(left) s left)"
-    p=$(timeout $(( $(left) - 90 )) cargo test --offline --release -p checkpoint-runtime \
-        --features cuda "${source_args[@]}" --lib store::pinned -- --nocapture 2>&1)
-    prc=$?
-    printf '%s\n' "$p" | grep -E '^(test |step|F|BF|thread|error)|boundaries back' | tail -n 14
-    rows+=("pinned store|$(outcome $prc "$p" pass)|exact, 4 dtypes|(unit test)|||")
-fi
 for mode in none recompute offload-host offload-disk; do
     if [ "$(left)" -lt 20 ]; then rows+=("$mode|skipped (time)||||||"); continue; fi
     v=$(timeout 60 "$bin" verify --model "$fixture" --reference "$fixture/reference.safetensors" \
@@ -130,7 +170,7 @@ if [ "$(left)" -ge 20 ]; then
 fi
 
 echo
-echo "== summary (build ${build_s} s, total $(( $(date +%s) - start )) s, ${features:-cpu} build, $steps training steps per mode)"
+echo "== summary (runtime tests ${tests_s} s, qwen2 build ${build_s} s, total $(( $(date +%s) - start )) s, ${features:-cpu} build, $steps training steps per mode)"
 printf '%-14s | %-20s | %-30s | %-19s | %-6s | %-16s | %s\n' mode verify \
     "rel. err logits / loss / grad" "train loss" "tok/s" "peak memory" \
     "boundaries dev/host/disk, transfer"

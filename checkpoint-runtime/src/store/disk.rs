@@ -2,7 +2,11 @@
 //!
 //! Each boundary is one safetensors file, written by a writer thread (the forward hands it over
 //! through a bounded queue, so memory stays bounded when the disk is slower than the layers),
-//! checksummed (CRC-32) and length-checked on load, and removed once read. The directory is
+//! checksummed (CRC-32) and length-checked on load, and removed once read. The writer only ever
+//! reads host memory: a boundary on a device is copied off it by the forward's own thread, where
+//! the copy is ordered after the kernels that wrote it (on CUDA, into a pinned buffer on a side
+//! stream that first waits for the compute stream; the writer waits for that copy's event before
+//! it reads a byte), so a file and its checksum hold the forward's data. The directory is
 //! `0700`, its files `0600`; it is removed when the engine and its last boundary are dropped,
 //! including on error and during a panic's unwinding. A process killed without unwinding
 //! (`SIGKILL`, or a `SIGTERM` nobody handles) cannot remove it: the next engine on the same root
@@ -21,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::staging::{Staged, Stager};
 use super::{BoundaryStore, Fetched, file};
 use crate::error::{Error, Result};
 use crate::sync::lock;
@@ -68,15 +74,38 @@ struct Written {
 }
 
 struct Job {
-    tensor: Tensor,
+    payload: Payload,
     path: PathBuf,
     done: mpsc::Sender<std::result::Result<Written, String>>,
+}
+
+/// A boundary in host memory, or on its way there, for the writer.
+enum Payload {
+    /// A tensor in host memory.
+    Host(Tensor),
+    /// A CUDA boundary being copied into a pinned buffer.
+    #[cfg(feature = "cuda")]
+    Pinned(Staged),
+}
+
+impl Payload {
+    /// The file's bytes; waits for a pinned copy to complete.
+    fn encode(&self) -> candle_core::Result<Vec<u8>> {
+        match self {
+            Payload::Host(tensor) => file::encode(tensor),
+            #[cfg(feature = "cuda")]
+            Payload::Pinned(staged) => staged.encode(),
+        }
+    }
 }
 
 /// The disk store of one engine.
 #[derive(Debug)]
 pub(crate) struct DiskStore {
     config: DiskConfig,
+    /// Takes CUDA boundaries off the device for the writer.
+    #[cfg(feature = "cuda")]
+    stager: Arc<Stager>,
     next: AtomicU64,
     open: Mutex<Option<Open>>,
     /// Files handed to the writer, for [`DiskStore::flush`].
@@ -104,10 +133,30 @@ impl DiskStore {
     pub(crate) fn new(config: DiskConfig) -> Self {
         Self {
             config,
+            #[cfg(feature = "cuda")]
+            stager: Arc::default(),
             next: AtomicU64::new(0),
             open: Mutex::new(None),
             pending: Mutex::default(),
         }
+    }
+
+    /// Copies `tensor` off its device for the writer, ordered after the kernels that wrote it:
+    /// call it on the thread that queued them.
+    fn payload(&self, tensor: &Tensor) -> candle_core::Result<Payload> {
+        match tensor.device() {
+            Device::Cpu => Ok(Payload::Host(tensor.clone())),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => self.stager.stage(tensor).map(Payload::Pinned),
+            // Another device: a blocking copy on this thread, queued behind the kernels.
+            _ => tensor.to_device(&Device::Cpu).map(Payload::Host),
+        }
+    }
+
+    /// The stager that takes CUDA boundaries off the device, for the stores that share it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stager(&self) -> Arc<Stager> {
+        Arc::clone(&self.stager)
     }
 
     /// Waits until every boundary handed over so far is on disk; the first failed write.
@@ -176,9 +225,18 @@ impl BoundaryStore for DiskStore {
         let (dir, queue) = self.open(layer)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let path = dir.path.join(format!("boundary-{id:06}.safetensors"));
+        let payload = self.payload(tensor).map_err(|e| Error::Disk {
+            layer: layer.to_owned(),
+            path: path.clone(),
+            action: "copy the boundary to host memory for",
+            hint: "if pinned host memory is exhausted, queue fewer boundaries for the writer \
+                   (DiskConfig::write_queue) or offload fewer layers (Policy::keep_last, \
+                   Policy::budget)",
+            source: io::Error::other(e),
+        })?;
         let (done, written) = mpsc::channel();
         let job = Job {
-            tensor: tensor.clone(),
+            payload,
             path: path.clone(),
             done,
         };
@@ -309,12 +367,19 @@ fn unique() -> u64 {
 }
 
 fn write_loop(jobs: &Receiver<Job>) {
-    while let Ok(Job { tensor, path, done }) = jobs.recv() {
+    while let Ok(Job {
+        payload,
+        path,
+        done,
+    }) = jobs.recv()
+    {
         let started = Instant::now();
-        let result = file::encode(&tensor)
+        let result = payload
+            .encode()
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
-                drop(tensor);
+                // Frees the host tensor, or gives the pinned buffer back, before the write.
+                drop(payload);
                 write_private(&path, &bytes)
                     .map(|()| Written {
                         len: bytes.len() as u64,

@@ -5,39 +5,74 @@ use std::fmt::Write as _;
 
 use candle_core::{DType, Device, Tensor};
 
-/// Serializes `t` (on any device) into safetensors bytes.
-pub(crate) fn encode(t: &Tensor) -> candle_core::Result<Vec<u8>> {
-    let dims = t.dims().to_vec();
-    let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
-    let (dtype, data): (&str, Vec<u8>) = match flat.dtype() {
-        DType::F32 => ("F32", le_bytes(flat.to_vec1::<f32>()?, f32::to_le_bytes)),
-        DType::F64 => ("F64", le_bytes(flat.to_vec1::<f64>()?, f64::to_le_bytes)),
-        DType::BF16 => ("BF16", le_bytes(flat.to_vec1()?, half::bf16::to_le_bytes)),
-        DType::F16 => ("F16", le_bytes(flat.to_vec1()?, half::f16::to_le_bytes)),
-        other => {
-            return Err(candle_core::Error::msg(format!(
-                "boundaries of dtype {other:?} cannot be offloaded: use f16, bf16, f32 or f64"
-            )));
+/// An element type a boundary file can hold: its safetensors dtype and its little-endian bytes.
+pub(crate) trait Element: Copy {
+    /// The dtype's name in the safetensors header.
+    const DTYPE: &'static str;
+    /// Appends `values` to `out`, little-endian.
+    fn extend_le(values: &[Self], out: &mut Vec<u8>);
+}
+
+macro_rules! element {
+    ($ty:ty, $name:literal) => {
+        impl Element for $ty {
+            const DTYPE: &'static str = $name;
+            fn extend_le(values: &[Self], out: &mut Vec<u8>) {
+                out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            }
         }
     };
+}
+element!(f32, "F32");
+element!(f64, "F64");
+element!(half::bf16, "BF16");
+element!(half::f16, "F16");
+
+/// Serializes `t`, a tensor in host memory, into safetensors bytes.
+///
+/// Only host tensors: a device tensor is copied off its device by the thread that queued its
+/// kernels, where the copy is ordered after them (the disk store's `Payload`), never here.
+pub(crate) fn encode(t: &Tensor) -> candle_core::Result<Vec<u8>> {
+    if !t.device().is_cpu() {
+        return Err(candle_core::Error::msg(
+            "internal: a boundary reached the file encoder while still on its device",
+        ));
+    }
+    let dims = t.dims();
+    let flat = t.flatten_all()?;
+    match flat.dtype() {
+        DType::F32 => Ok(encode_slice(dims, &flat.to_vec1::<f32>()?)),
+        DType::F64 => Ok(encode_slice(dims, &flat.to_vec1::<f64>()?)),
+        DType::BF16 => Ok(encode_slice(dims, &flat.to_vec1::<half::bf16>()?)),
+        DType::F16 => Ok(encode_slice(dims, &flat.to_vec1::<half::f16>()?)),
+        other => Err(candle_core::Error::msg(format!(
+            "boundaries of dtype {other:?} cannot be offloaded: use f16, bf16, f32 or f64"
+        ))),
+    }
+}
+
+/// Serializes `data`, the row-major elements of a tensor of shape `dims`, into safetensors
+/// bytes.
+pub(crate) fn encode_slice<T: Element>(dims: &[usize], data: &[T]) -> Vec<u8> {
     let mut shape = String::new();
     for (i, d) in dims.iter().enumerate() {
         let sep = if i == 0 { "" } else { "," };
         let _ = write!(shape, "{sep}{d}");
     }
+    let len = std::mem::size_of_val(data);
     let mut header = format!(
-        r#"{{"boundary":{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[0,{}]}}}}"#,
-        data.len()
+        r#"{{"boundary":{{"dtype":"{}","shape":[{shape}],"data_offsets":[0,{len}]}}}}"#,
+        T::DTYPE
     );
     // safetensors pads the header with spaces to a multiple of 8 bytes.
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let mut out = Vec::with_capacity(8 + header.len() + data.len());
+    let mut out = Vec::with_capacity(8 + header.len() + len);
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&data);
-    Ok(out)
+    T::extend_le(data, &mut out);
+    out
 }
 
 /// Parses bytes written by [`encode`] back into a tensor on `device`.
@@ -45,10 +80,6 @@ pub(crate) fn decode(bytes: &[u8], device: &Device) -> candle_core::Result<Tenso
     candle_core::safetensors::load_buffer(bytes, device)?
         .remove("boundary")
         .ok_or_else(|| candle_core::Error::msg("the file holds no tensor named `boundary`"))
-}
-
-fn le_bytes<T: Copy, const N: usize>(values: Vec<T>, f: fn(T) -> [u8; N]) -> Vec<u8> {
-    values.into_iter().flat_map(f).collect()
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //!   device memory, so the boundary is kept as it is (no copy) and only counted as host bytes;
 //! - [`disk`]: the boundary goes to a file and is prefetched back.
 //!
+//! On a CUDA device both offloading stores take the boundary off the GPU through one stager
+//! (`staging`, with `--features cuda`), which orders the copy after the kernels that wrote the
+//! boundary on the compute stream, never from another thread.
+//!
 //! [`Boundary`] is one kept boundary of any store, [`Stores`] the stores of one engine.
 
 pub(crate) mod device;
@@ -17,6 +21,8 @@ pub(crate) mod host;
 mod pinned;
 #[cfg(any(test, feature = "cuda"))]
 mod pool;
+#[cfg(feature = "cuda")]
+mod staging;
 
 use std::time::Duration;
 
@@ -100,12 +106,14 @@ pub(crate) enum Saved {
 
 impl Stores {
     pub(crate) fn new(disk: DiskConfig) -> Self {
+        let disk = DiskStore::new(disk);
         Self {
             device: DeviceStore::default(),
             host: HostStore,
+            // One stager for both offloading stores: one side stream per device, one pool.
             #[cfg(feature = "cuda")]
-            pinned: pinned::PinnedStore::default(),
-            disk: DiskStore::new(disk),
+            pinned: pinned::PinnedStore::new(disk.stager()),
+            disk,
         }
     }
 
@@ -150,6 +158,9 @@ impl Stores {
 
     /// Opens the readers of a backward pass that fetches `order`, in that order.
     pub(crate) fn readers<'a>(&self, order: impl Iterator<Item = &'a Boundary>) -> Result<Readers> {
+        // The forward is over: the last boundary's device tensor can go once its copy is done.
+        #[cfg(feature = "cuda")]
+        self.disk.stager().release_held()?;
         let disk: Vec<_> = order
             .filter_map(|b| match b {
                 Boundary::Disk(d) => Some(d),
