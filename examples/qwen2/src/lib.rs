@@ -4,7 +4,7 @@
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
 //! back out), [`data`] (byte-level batches), [`train`] and [`verify`] (parity against a
-//! reference file).
+//! reference file); [`bench`] times one full training step.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -24,6 +24,7 @@
 //! ```
 
 pub mod attention;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;
