@@ -19,9 +19,10 @@
 //! Beside each checkpointed row it prints the row's floor. Time: the plain step plus one more
 //! forward of the decoder stack (the plain forward minus that of the embedding, head and loss,
 //! measured on a model without layers): what recomputing every layer once must cost. Memory:
-//! the plain step's peak without its layer activations, plus the row's boundaries and one
-//! layer's activations (those of the plain forward, divided by the depth): what keeping only
-//! the boundaries must cost.
+//! what must be held at once in any checkpointed step: the weights and AdamW state (held
+//! before the step), the gradients (as many bytes as the parameters), the row's boundaries and
+//! one layer's activations (those of the plain forward without the head's, divided by the
+//! depth).
 //!
 //! It writes the rows as CSV (default `target/bench/step.csv`) and draws step time and peak
 //! memory against depth, one line per mode (default `target/bench/step.svg`).
@@ -123,6 +124,12 @@ struct Row {
     peak_bytes: u64,
     /// The child process's peak resident memory.
     peak_rss: Option<u64>,
+    /// Bytes held before a step: weights, AdamW state, the engine's and the allocator's own.
+    #[serde(default)]
+    base_bytes: u64,
+    /// Bytes of the parameters (and so of their gradients).
+    #[serde(default)]
+    param_bytes: u64,
     /// `none` rows: the forward and the bytes held after it of the same model without layers.
     head_forward_ms: Option<f64>,
     head_held_after_forward: Option<u64>,
@@ -341,7 +348,7 @@ fn child(args: &Args) -> Result<Row> {
 
     let (mut total, mut forward, mut backward, mut optimizer, mut recompute) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut held_after_forward, mut peak, mut loss) = (0, 0, f32::NAN);
+    let (mut held_after_forward, mut peak, mut base, mut loss) = (0, 0, 0, f32::NAN);
     let mut stats = Stats::default();
     for i in 0..args.warmup + args.steps {
         let _ = ckpt.take_stats();
@@ -362,6 +369,7 @@ fn child(args: &Args) -> Result<Row> {
         recompute.push(ms(stats.recompute));
         held_after_forward = held_after_forward.max(after_forward);
         peak = peak.max(alloc::peak());
+        base = base.max(before);
         loss = times.loss;
     }
     let peak_rss = peak_rss_bytes();
@@ -388,6 +396,12 @@ fn child(args: &Args) -> Result<Row> {
         disk_bytes: stats.disk_bytes,
         peak_bytes: as_u64(peak),
         peak_rss,
+        base_bytes: as_u64(base),
+        param_bytes: loaded
+            .params
+            .iter()
+            .map(|(_, v)| as_u64(v.elem_count() * v.dtype().size_in_bytes()))
+            .sum(),
         head_forward_ms,
         head_held_after_forward,
         final_loss: loss,
@@ -437,9 +451,10 @@ fn floors(rows: &[Row]) -> Vec<Option<Floor>> {
             let one_layer = activations / u64::try_from(plain.layers.max(1)).unwrap_or(1);
             Some(Floor {
                 step_ms: plain.step_ms + (plain.forward_ms - head_ms).max(0.0),
-                peak_bytes: plain.peak_bytes.saturating_sub(activations)
-                    + row.boundary_bytes
-                    + one_layer,
+                // What must coexist: weights and AdamW state, the gradients (all alive before
+                // the optimizer runs), the boundaries and the activations of the one layer
+                // being recomputed.
+                peak_bytes: row.base_bytes + row.param_bytes + row.boundary_bytes + one_layer,
             })
         })
         .collect()
@@ -506,13 +521,14 @@ fn write_csv(path: &Path, rows: &[Row], floors: &[Option<Floor>]) -> Result<()> 
     let mut text = String::from(
         "layers,seq,batch,mode,segment,step_ms,floor_step_ms,forward_ms,backward_ms,\
          optimizer_ms,recompute_ms,held_after_forward_bytes,boundary_bytes,disk_bytes,\
-         peak_bytes,floor_peak_bytes,peak_rss_bytes,head_forward_ms,final_loss\n",
+         peak_bytes,floor_peak_bytes,peak_rss_bytes,base_bytes,param_bytes,head_forward_ms,\
+         head_held_after_forward_bytes,final_loss\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_default();
     for (r, floor) in rows.iter().zip(floors) {
         let _ = writeln!(
             text,
-            "{},{},{},{},{},{:.3},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{:.3},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{}",
             r.layers,
             r.seq,
             r.batch,
@@ -530,7 +546,10 @@ fn write_csv(path: &Path, rows: &[Row], floors: &[Option<Floor>]) -> Result<()> 
             r.peak_bytes,
             opt(floor.map(|f| f.peak_bytes.to_string())),
             opt(r.peak_rss.map(|b| b.to_string())),
+            r.base_bytes,
+            r.param_bytes,
             opt(r.head_forward_ms.map(|m| format!("{m:.3}"))),
+            opt(r.head_held_after_forward.map(|b| b.to_string())),
             r.final_loss,
         );
     }
