@@ -50,6 +50,7 @@ fi
 
 cargo bench -p qwen2 --bench step --no-run >&2
 mkdir -p "$out"
+out=$(cd "$out" && pwd) # cargo runs the bench in examples/qwen2: give it absolute paths
 rows=$out/rows.jsonl
 : >"$rows"
 echo "load before: $(uptime)" >&2

@@ -82,10 +82,12 @@ struct Args {
     /// Steps run before measuring (allocator and thread-pool warm-up).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Where to write the rows as CSV [default: target/bench/step.csv].
+    /// Where to write the rows as CSV [default: target/bench/step.csv]; a relative path is
+    /// relative to examples/qwen2, where cargo runs the bench.
     #[arg(long, value_name = "FILE")]
     csv: Option<PathBuf>,
-    /// Where to draw step time and peak memory against depth [default: target/bench/step.svg].
+    /// Where to draw step time and peak memory against depth [default: target/bench/step.svg];
+    /// relative as --csv.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// offload-disk: the directory under which the engine creates its own.
