@@ -561,6 +561,9 @@ fn write_csv(path: &Path, rows: &[Row], floors: &[Option<Floor>]) -> Result<()> 
     std::fs::write(path, text).map_err(|e| io_error(path, e))
 }
 
+/// A plotted quantity: its axis label and how to read it from a row.
+type Metric = (&'static str, fn(&Row) -> f64);
+
 /// Step time and peak memory against depth, one line per (mode, segment, sequence length).
 fn draw(path: &Path, rows: &[Row], batch: usize) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -595,7 +598,7 @@ fn draw(path: &Path, rows: &[Row], batch: usize) -> Result<()> {
     let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(&e))?;
     let panels = root.split_evenly((1, 2));
-    let metrics: [(&str, fn(&Row) -> f64); 2] = [
+    let metrics: [Metric; 2] = [
         ("step time (s)", |r| r.step_ms / 1e3),
         ("peak memory held (MiB)", |r| mib(r.peak_bytes)),
     ];
