@@ -4,7 +4,7 @@
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
 //! back out), [`data`] (byte-level batches), [`train`] and [`verify`] (parity against a
-//! reference file); [`bench`] times one full training step.
+//! reference file); [`bench`](mod@bench) times one full training step.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
