@@ -5,7 +5,8 @@
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
 //! back out), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
 //! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
-//! an eval split), [`train`] and [`verify`] (parity against a reference file).
+//! an eval split), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
+//! times one full training step.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -25,6 +26,7 @@
 //! ```
 
 pub mod attention;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod data;
