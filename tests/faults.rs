@@ -35,44 +35,100 @@ fn backward_twice_through_a_checkpointed_graph_is_an_error() -> Result<()> {
     Ok(())
 }
 
+/// The optimiser trap: a plain `loss.backward()` would return a store without the checkpointed
+/// parameters' gradients. It fails on that very step, naming the stack, the mode and the fix,
+/// before anything is recomputed, so that the same graph can still go through the engine.
 #[test]
-fn plain_loss_backward_is_reported_on_the_next_forward() -> Result<()> {
+fn plain_loss_backward_fails_on_the_same_step() -> Result<()> {
     let (layers, x) = stack(2)?;
-    let ckpt = Checkpointer::new(Policy::recompute());
-    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
-    let _incomplete = y.sum_all()?.backward()?; // the mistake: bypasses the engine
-    let err = ckpt
-        .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))
-        .expect_err("the next forward must report the lost gradients");
-    // Two layers of four parameters each.
-    assert!(
-        matches!(err, Error::UncollectedGradients { count: 8, .. }),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("Checkpointer::backward(&loss)"),
-        "{err}"
-    );
-    // Reported once; the engine then works again.
-    let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
-    assert_eq!(ckpt.backward(&y.sum_all()?)?.get_ids().count(), 9);
+    for mode in [Mode::Recompute, Mode::OffloadHost, Mode::OffloadDisk] {
+        let ckpt = Checkpointer::new(Policy::new(mode));
+        let y = ckpt.run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?;
+        let loss = y.sum_all()?;
+        let err = loss
+            .backward()
+            .expect_err("a plain backward through a checkpointed stack must fail");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("stack starting at layer 0 (`MlpBlock::forward`)")
+                && msg.contains(&format!("(mode {mode})"))
+                && msg.contains("ckpt.backward_step(&mut opt, &loss)"),
+            "{msg}"
+        );
+        // Nothing was consumed: the same loss goes through the engine, with every gradient
+        // (two layers of four parameters, and the input).
+        let grads = ckpt.backward(&loss)?;
+        assert_eq!(grads.get_ids().count(), 9, "{mode}");
+    }
     Ok(())
 }
 
+/// Only the thread running `Checkpointer::backward` collects gradients: a plain backward on
+/// another thread meanwhile fails as it would alone, and a second `Checkpointer::backward`
+/// of the same engine is refused rather than mixing its gradients with the first one's.
 #[test]
-fn plain_loss_backward_is_reported_by_the_next_backward() -> Result<()> {
-    let (layers, x) = stack(1)?;
+fn another_thread_cannot_slip_a_backward_into_a_running_one() -> Result<()> {
+    /// Parks its recomputation (its second call) until the main thread has tried its moves.
+    #[derive(Clone)]
+    struct Parked {
+        calls: Arc<AtomicUsize>,
+        gate: Arc<std::sync::Barrier>,
+        inner: MlpBlock,
+    }
+    impl Layer for Parked {
+        fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                self.gate.wait(); // inside the first thread's backward
+                self.gate.wait(); // until the main thread is done
+            }
+            self.inner.forward_checkpointed(x, &())
+        }
+    }
+    let (layers, x) = stack(2)?;
+    let gate = Arc::new(std::sync::Barrier::new(2));
+    let parked = Parked {
+        calls: Arc::new(AtomicUsize::new(0)),
+        gate: Arc::clone(&gate),
+        inner: layers[0].clone(),
+    };
     let ckpt = Checkpointer::new(Policy::recompute());
-    let loss = ckpt
+    let first = ckpt.run(&parked, x.as_tensor(), ())?.sum_all()?;
+    let second = ckpt
         .run_stack(x.as_tensor(), layers.iter().map(|l| (l, ())))?
         .sum_all()?;
-    let _incomplete = loss.backward()?;
-    let loss2 = (x.as_tensor() * 2.0)?.sum_all()?;
-    let err = ckpt.backward(&loss2).expect_err("must report");
-    assert!(
-        matches!(err, Error::UncollectedGradients { count: 4, .. }),
-        "{err:?}"
-    );
+    std::thread::scope(|scope| -> Result<()> {
+        let running = scope.spawn(|| ckpt.backward(&first));
+        gate.wait();
+        let plain = second.backward().map(drop);
+        let concurrent = ckpt.backward(&second).map(drop);
+        gate.wait();
+        let grads = running
+            .join()
+            .map_err(|_| candle_core::Error::msg("the backward thread panicked"))??;
+        let plain = plain
+            .expect_err("a plain backward on another thread")
+            .to_string();
+        assert!(
+            plain.contains("outside `Checkpointer::backward`"),
+            "{plain}"
+        );
+        let concurrent = concurrent.expect_err("a second backward of the same engine");
+        assert!(
+            matches!(
+                concurrent,
+                Error::ConcurrentBackward {
+                    where_: "on another thread",
+                    ..
+                }
+            ),
+            "{concurrent:?}"
+        );
+        // The first backward got its own gradients and no others: one layer and the input.
+        assert_eq!(grads.get_ids().count(), 5);
+        Ok(())
+    })?;
+    // Nothing was consumed by the refused attempts.
+    assert_eq!(ckpt.backward(&second)?.get_ids().count(), 9);
     Ok(())
 }
 

@@ -3,11 +3,13 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Policy};
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_nn::Linear;
+use checkpoint_runtime::{Checkpointer, DiskConfig, Layer, Mode, Placement, Policy};
 use checkpoint_tests::alloc::{self, CountingAlloc};
 use checkpoint_tests::block::{Block, BlockConfig, BlockKwargs};
 use checkpoint_tests::init::Init;
+use checkpoint_tests::mlp::MlpBlock;
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -185,6 +187,106 @@ fn a_budget_plan_fits_in_measured_memory() -> Result<()> {
             held <= budget + output + SLACK,
             "{mode}: {held} B held after forward, budget {budget} B (+ the {output} B output)"
         );
+        // The plan uses its budget rather than recomputing everything: it stops converting
+        // layers as soon as the rest fits, so it keeps more than the budget less one layer's
+        // graph, and the memory measured agrees with the plan's estimate.
+        let largest = plan
+            .costs
+            .iter()
+            .map(|c| c.graph_bytes + c.boundary_bytes)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            plan.device_bytes + largest >= budget as u64,
+            "{mode}: the plan keeps {} B of a {budget} B budget\n{plan}",
+            plan.device_bytes
+        );
+        assert!(
+            held as u64 + largest >= plan.device_bytes,
+            "{mode}: {held} B held after forward, the plan expected {} B\n{plan}",
+            plan.device_bytes
+        );
+        if budget >= plain / 2 {
+            assert!(
+                plan.placements.contains(&Placement::Graph),
+                "{mode}: half the plain graph's bytes leave room to keep some graphs\n{plan}"
+            );
+        }
     }
+    Ok(())
+}
+
+/// A layer around one `Linear`.
+#[derive(Clone)]
+struct Dense(Linear);
+
+impl Layer for Dense {
+    fn forward_checkpointed(&self, x: &Tensor, (): &()) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+/// The planner charges a layer its activations, not its weights: `Linear` multiplies by
+/// `weight.t()`, a view of the parameter that the graph holds but that is alive anyway.
+#[test]
+fn a_linear_on_a_tiny_input_is_charged_about_the_input() -> Result<()> {
+    let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut init = Init::new(6);
+    let weight = init.var((256, 256), 0.1, DType::F32, &Device::Cpu)?;
+    let layer = Dense(Linear::new(weight.as_tensor().clone(), None));
+    let x = init.var((1, 256), 1.0, DType::F32, &Device::Cpu)?;
+    let ckpt = Checkpointer::new(Policy::recompute().budget(u64::MAX));
+    let y = ckpt.run(&layer, x.as_tensor(), ())?;
+    ckpt.backward(&y.sum_all()?)?;
+    let cost = ckpt.budget_plans().remove(0).costs[0];
+    let input = bytes(x.as_tensor()) as u64;
+    println!(
+        "input {input} B, weight {} B: graph {} B",
+        bytes(weight.as_tensor()),
+        cost.graph_bytes
+    );
+    // The graph keeps the (1, 256) product: the input's size.
+    assert!(
+        (input..=2 * input).contains(&cost.graph_bytes),
+        "a Linear on a {input} B input is charged {} B",
+        cost.graph_bytes
+    );
+    Ok(())
+}
+
+/// Padded batches: every length whose carry rounds up to the same power of two shares one
+/// plan, made on the largest of them; a larger carry in the bucket is probed anew.
+#[test]
+fn lengths_in_one_bucket_reuse_one_plan() -> Result<()> {
+    let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut init = Init::new(7);
+    let layers = (0..3)
+        .map(|_| MlpBlock::new(8, &mut init, DType::F32, &Device::Cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let step = |ckpt: &Checkpointer, len: usize| -> Result<()> {
+        let x = Tensor::ones((1, len, 8), DType::F32, &Device::Cpu)?;
+        let y = ckpt.run_stack(&x, layers.iter().map(|l| (l, ())))?;
+        ckpt.backward(&y.sum_all()?)?;
+        Ok(())
+    };
+    // A probe is recognisable by the boundary it measured: `len` rows of 8 f32.
+    let probed_lengths = |ckpt: &Checkpointer| -> Vec<u64> {
+        ckpt.budget_plans()
+            .iter()
+            .map(|p| p.costs[0].boundary_bytes / 32)
+            .collect()
+    };
+    let ckpt = Checkpointer::new(Policy::recompute().budget(u64::MAX));
+    for len in [64, 40, 50, 33, 64] {
+        step(&ckpt, len)?; // 8 × len elements: all in the bucket of 512
+    }
+    assert_eq!(probed_lengths(&ckpt), [64]);
+    step(&ckpt, 100)?;
+    step(&ckpt, 65)?;
+    assert_eq!(probed_lengths(&ckpt), [64, 100]);
+    // Growing within a bucket: the plan follows the largest carry.
+    step(&ckpt, 120)?;
+    step(&ckpt, 70)?;
+    assert_eq!(probed_lengths(&ckpt), [64, 120]);
     Ok(())
 }

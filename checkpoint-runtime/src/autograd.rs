@@ -92,6 +92,8 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
     }
 
     fn backward(&self, grad: &Tensor) -> crate::Result<Tensor> {
+        // Outside `Checkpointer::backward`, the parameter gradients would reach no store.
+        self.shared.ensure_collecting(|| describe::<L, K>(0))?;
         let mode = self.shared.policy.mode();
         // Nested: inside another stack's backward, whose recomputed segment reaches this stack
         // through a keyword argument or runs it as a nested stack.

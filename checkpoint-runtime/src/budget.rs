@@ -197,16 +197,29 @@ impl fmt::Display for BudgetPlan {
     }
 }
 
-/// Bytes the autograd graph behind `out` keeps alive, parameters (`Var`s) excluded. Views that
-/// share a buffer count it once, at the extent they address.
+/// Bytes the autograd graph behind `out` keeps alive: the storages of its nodes, except those a
+/// `Var` owns. The parameters, and views of them (`Linear` multiplies by `weight.t()`), are
+/// alive whether the graph is kept or not; counting them would charge each layer its weights.
+/// Views that share a buffer count it once, at the extent they address.
 pub(crate) fn graph_bytes(out: &candle_core::Tensor) -> u64 {
-    let mut extents: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
-    for node in out.sorted_nodes() {
-        if node.is_variable() {
-            continue;
-        }
+    use std::collections::{HashMap, HashSet};
+
+    let nodes = out.sorted_nodes();
+    let storage_key = |node: &candle_core::Tensor| {
+        std::ptr::from_ref::<candle_core::Storage>(&node.storage_and_layout().0).addr()
+    };
+    let owned_by_vars: HashSet<usize> = nodes
+        .iter()
+        .filter(|node| node.is_variable())
+        .map(|node| storage_key(node))
+        .collect();
+    let mut extents: HashMap<usize, u64> = HashMap::new();
+    for node in nodes {
         let (storage, layout) = node.storage_and_layout();
         let key = std::ptr::from_ref::<candle_core::Storage>(&storage).addr();
+        if owned_by_vars.contains(&key) {
+            continue;
+        }
         let span = layout
             .dims()
             .iter()

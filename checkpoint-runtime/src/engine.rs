@@ -5,9 +5,11 @@ use std::mem;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
+use candle_nn::Optimizer;
 
 use std::time::Instant;
 
@@ -24,7 +26,9 @@ use crate::sync::lock;
 /// Runs layer stacks under a checkpointing [`Policy`] and computes complete gradients.
 ///
 /// Use one `Checkpointer` per model and step loop: run the stacks through it during the forward
-/// pass, then call [`Checkpointer::backward`] (not `loss.backward()`) to get the gradients.
+/// pass, then call [`Checkpointer::backward_step`] (not candle-nn's `opt.backward_step(&loss)`)
+/// to step an optimizer, or [`Checkpointer::backward`] (not `loss.backward()`) for the
+/// gradients themselves.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -55,9 +59,39 @@ use crate::sync::lock;
 ///
 /// Parameter gradients of checkpointed layers are computed while candle's backward recomputes
 /// them, and handed to this engine rather than to candle's store. A plain `loss.backward()`
-/// therefore returns a store without them. The engine notices: the next forward or backward
-/// through it fails with [`Error::UncollectedGradients`], and dropping it with gradients still
-/// uncollected prints a warning.
+/// would return a store without them, and an optimizer stepped with it (candle-nn's
+/// `opt.backward_step(&loss)` does exactly that) would silently skip every checkpointed weight.
+/// So a checkpointed stack refuses to run its backward outside [`Checkpointer::backward`] of
+/// its engine, on the thread that called it: `loss.backward()` and `opt.backward_step(&loss)`
+/// fail on that very step with [`Error::BackwardOutsideEngine`], before anything is
+/// recomputed, and the optimizer never steps. The graph is left intact: the same loss can
+/// still go through the engine.
+///
+/// ```
+/// # use candle_core::{Device, Tensor, Var};
+/// # use candle_nn::{Optimizer, SGD};
+/// # use checkpoint_runtime::{Checkpointer, Layer, Policy};
+/// # #[derive(Clone)]
+/// # struct Scale(Var);
+/// # impl Layer for Scale {
+/// #     fn forward_checkpointed(&self, x: &Tensor, (): &()) -> candle_core::Result<Tensor> {
+/// #         x.broadcast_mul(self.0.as_tensor())?.tanh()
+/// #     }
+/// # }
+/// # fn main() -> checkpoint_runtime::Result<()> {
+/// let layer = Scale(Var::new(&[0.5f32], &Device::Cpu)?);
+/// let mut opt = SGD::new(vec![layer.0.clone()], 0.1)?;
+/// let ckpt = Checkpointer::new(Policy::recompute());
+/// let x = Tensor::new(&[[1.0f32, -1.0]], &Device::Cpu)?;
+/// let loss = ckpt.run(&layer, &x, ())?.sum_all()?;
+/// let err = opt.backward_step(&loss).expect_err("would skip the checkpointed weight");
+/// assert!(err.to_string().contains("ckpt.backward_step(&mut opt, &loss)"));
+/// assert_eq!(layer.0.to_vec1::<f32>()?, [0.5]); // not stepped
+/// ckpt.backward_step(&mut opt, &loss)?; // the same graph, through the engine
+/// assert_ne!(layer.0.to_vec1::<f32>()?, [0.5]);
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// # Stacks inside stacks
 ///
@@ -81,11 +115,44 @@ pub(crate) struct Shared {
     fault: Mutex<Option<Error>>,
     stats: Mutex<Stats>,
     pub(crate) stores: Stores,
-    /// Budget plans from probe steps, per stack length and carry shape: a longer batch
-    /// needs more memory, so it is measured anew.
-    plans: Mutex<HashMap<(usize, Vec<usize>), BudgetPlan>>,
+    /// Budget plans from probe steps, per stack length and carry size bucket (see
+    /// [`PlanKey`]), each with the carry element count it was probed at.
+    plans: Mutex<HashMap<PlanKey, (usize, BudgetPlan)>>,
     /// How many stack backwards are running (more than one: nested in a recomputed segment).
     depth: AtomicUsize,
+    /// The thread running [`Checkpointer::backward`], while it runs: the only backward whose
+    /// stack gradients reach a store.
+    collecting: Mutex<Option<ThreadId>>,
+}
+
+/// What a budget plan is kept under: the number of layers and the carry's element count
+/// rounded up to a power of two. Padded batches change the sequence length nearly every step;
+/// probing each length anew would measure every layer again and again, while a bucket is
+/// probed once (or again on a carry larger than any it was probed on, see
+/// [`Checkpointer::budget_plans`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PlanKey {
+    layers: usize,
+    bucket: usize,
+}
+
+impl PlanKey {
+    fn new(layers: usize, carry: &Tensor) -> Self {
+        Self {
+            layers,
+            bucket: carry.elem_count().next_power_of_two(),
+        }
+    }
+}
+
+/// Marks [`Checkpointer::backward`] as running on this thread until it drops, unwinding
+/// included.
+struct Collecting<'a>(&'a Shared);
+
+impl Drop for Collecting<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.collecting) = None;
+    }
 }
 
 /// Counts one stack backward for as long as it runs, unwinding included.
@@ -158,6 +225,39 @@ impl Shared {
             *fault = Some(err);
         }
         message
+    }
+
+    /// Refuses a stack backward that no [`Checkpointer::backward`] of this engine runs on this
+    /// thread: its parameter gradients could reach no store (see [`Checkpointer`]).
+    pub(crate) fn ensure_collecting(&self, layer: impl FnOnce() -> String) -> Result<()> {
+        if *lock(&self.collecting) == Some(thread::current().id()) {
+            Ok(())
+        } else {
+            Err(Error::BackwardOutsideEngine {
+                layer: layer(),
+                mode: self.policy.mode(),
+            })
+        }
+    }
+
+    /// Marks a [`Checkpointer::backward`] as running on this thread, unless one already runs.
+    fn start_collecting(&self) -> Result<Collecting<'_>> {
+        let mut owner = lock(&self.collecting);
+        let me = thread::current().id();
+        match *owner {
+            None => {
+                *owner = Some(me);
+                Ok(Collecting(self))
+            }
+            Some(other) => Err(Error::ConcurrentBackward {
+                mode: self.policy.mode(),
+                where_: if other == me {
+                    "on this thread (called from inside a layer)"
+                } else {
+                    "on another thread"
+                },
+            }),
+        }
     }
 
     /// How many stack backwards are running now.
@@ -241,6 +341,7 @@ impl Checkpointer {
                 stores: Stores::new(disk),
                 plans: Mutex::default(),
                 depth: AtomicUsize::new(0),
+                collecting: Mutex::default(),
             }),
         }
     }
@@ -274,8 +375,7 @@ impl Checkpointer {
     /// Runs one layer invocation: a stack of one.
     ///
     /// # Errors
-    /// The layer's error, naming it; or [`Error::UncollectedGradients`] after a plain
-    /// `loss.backward()`.
+    /// The layer's error, naming it.
     pub fn run<L, K>(&self, layer: &L, carry: &Tensor, kwargs: K) -> Result<Tensor>
     where
         L: Layer<K>,
@@ -289,8 +389,8 @@ impl Checkpointer {
     /// stack returns the carry itself.
     ///
     /// # Errors
-    /// A layer's error, naming the layer and the mode; [`Error::UncollectedGradients`] after a
-    /// plain `loss.backward()`; a candle error for a carry that is not a float tensor.
+    /// A layer's error, naming the layer and the mode; a candle error for a carry that is not a
+    /// float tensor.
     pub fn run_stack<'a, L, K, I>(&self, carry: &Tensor, calls: I) -> Result<Tensor>
     where
         L: Layer<K>,
@@ -357,15 +457,20 @@ impl Checkpointer {
         Ok(carry.apply_op2(anchor.as_tensor(), op)?)
     }
 
-    /// The budget plan for stacks of `len` layers, probing them on first use.
+    /// The budget plan for `calls` on `carry`: its bucket's plan (see [`PlanKey`]), probing the
+    /// layers on the bucket's first carry and on any carry larger than the one probed, so that
+    /// the plan is made for the largest carry its bucket has run and fits the smaller ones.
     fn budget_segments<L: Layer<K>, K: Kwargs>(
         &self,
         calls: &[(L, K)],
         carry: &Tensor,
         budget: u64,
     ) -> Result<Vec<Segment>> {
-        let key = (calls.len(), carry.dims().to_vec());
-        if let Some(plan) = lock(&self.shared.plans).get(&key) {
+        let key = PlanKey::new(calls.len(), carry);
+        let elems = carry.elem_count();
+        if let Some((probed, plan)) = lock(&self.shared.plans).get(&key)
+            && *probed >= elems
+        {
             return Ok(plan.segments());
         }
         let mode = self.mode();
@@ -399,19 +504,26 @@ impl Checkpointer {
         }
         let plan = plan_budget(&costs, budget, mode)?;
         let segments = plan.segments();
-        lock(&self.shared.plans).insert(key, plan);
+        lock(&self.shared.plans).insert(key, (elems, plan));
         Ok(segments)
     }
 
-    /// The plans a budget policy made, one per stack length and carry shape it has run, in
-    /// increasing length and shape.
+    /// The plans a budget policy made, in increasing stack length and carry size.
+    ///
+    /// A plan is made from costs measured on a probe step (every layer run once more, keeping
+    /// its graph) and kept per stack length and *bucket* of carry sizes: the carry's element
+    /// count rounded up to a power of two. Padded batches whose lengths fall in one bucket
+    /// share one plan instead of probing every length. A bucket's plan is made for the largest
+    /// carry it has run: a carry no larger reuses it (its layers cost no more), a larger one
+    /// is probed and its plan replaces the bucket's. Sorting batches from long to short, or
+    /// starting with the longest, probes each bucket once.
     #[must_use]
     pub fn budget_plans(&self) -> Vec<BudgetPlan> {
         let plans = lock(&self.shared.plans);
         let mut keys: Vec<_> = plans.keys().collect();
         keys.sort_unstable();
         keys.into_iter()
-            .filter_map(|k| plans.get(k).cloned())
+            .filter_map(|k| plans.get(k).map(|(_, plan)| plan.clone()))
             .collect()
     }
 
@@ -419,16 +531,21 @@ impl Checkpointer {
     /// plain graph and those computed by recomputation, summed where a weight is shared, detached,
     /// and only for `Var`s, so that the store keeps no activation alive.
     ///
+    /// To step an optimizer with them, [`Checkpointer::backward_step`] is the one call.
+    ///
     /// # Errors
     /// A layer's error during recomputation (naming the layer), [`Error::BackwardTwice`] for a
-    /// graph whose checkpointed stacks already ran backward, or a store fault. On error no
-    /// gradient is returned and none is left behind.
+    /// graph whose checkpointed stacks already ran backward, [`Error::ConcurrentBackward`]
+    /// while another backward of this engine runs, or a store fault. On error no gradient is
+    /// returned and none is left behind.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let shared = &self.shared;
+        let collecting = shared.start_collecting()?;
         shared.check_collected()?;
         *lock(&shared.fault) = None;
         let _unwinding = ForgetOnUnwind(shared);
         let raw = loss.backward();
+        drop(collecting);
         let collected = mem::take(&mut *lock(&shared.collected));
         let raw = match raw {
             Ok(raw) => raw,
@@ -451,6 +568,45 @@ impl Checkpointer {
             };
             grads.insert_id(id, grad);
         }
+        Ok(grads)
+    }
+
+    /// Runs the backward pass from `loss` through this engine and steps `opt` with every
+    /// gradient: the checkpointed layers' included, which candle-nn's own
+    /// `opt.backward_step(&loss)` cannot see (it fails with [`Error::BackwardOutsideEngine`]).
+    /// Returns the gradients the optimizer stepped with, for logging or a [`GradientAudit`].
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, Var};
+    /// # use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    /// # use checkpoint_runtime::{Checkpointer, Layer, Policy};
+    /// # #[derive(Clone)]
+    /// # struct Scale(Var);
+    /// # impl Layer for Scale {
+    /// #     fn forward_checkpointed(&self, x: &Tensor, (): &()) -> candle_core::Result<Tensor> {
+    /// #         x.broadcast_mul(self.0.as_tensor())?.tanh()
+    /// #     }
+    /// # }
+    /// # fn main() -> checkpoint_runtime::Result<()> {
+    /// let layer = Scale(Var::new(&[0.5f32], &Device::Cpu)?);
+    /// let mut opt = AdamW::new(vec![layer.0.clone()], ParamsAdamW::default())?;
+    /// let ckpt = Checkpointer::new(Policy::recompute());
+    /// let x = Tensor::new(&[[1.0f32, -1.0]], &Device::Cpu)?;
+    /// let loss = ckpt.run(&layer, &x, ())?.sqr()?.sum_all()?;
+    /// ckpt.backward_step(&mut opt, &loss)?;
+    /// assert_ne!(layer.0.to_vec1::<f32>()?, [0.5]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// [`GradientAudit`]: crate::GradientAudit
+    ///
+    /// # Errors
+    /// Those of [`Checkpointer::backward`] (the optimizer then does not step), or the
+    /// optimizer's.
+    pub fn backward_step<O: Optimizer>(&self, opt: &mut O, loss: &Tensor) -> Result<GradStore> {
+        let grads = self.backward(loss)?;
+        opt.step(&grads)?;
         Ok(grads)
     }
 

@@ -62,7 +62,9 @@ pub enum Error {
         mode: Mode,
     },
 
-    /// Recomputation produced parameter gradients that nobody collected.
+    /// Recomputation produced parameter gradients that nobody collected. Stacks refuse to run
+    /// their backward outside [`Checkpointer::backward`](crate::Checkpointer::backward)
+    /// ([`Error::BackwardOutsideEngine`]), so this guards an invariant rather than a misuse.
     #[error(
         "{count} parameter gradient(s) computed while recomputing checkpointed layers were never \
          collected (mode {mode}): the last backward pass was run with `loss.backward()`, which \
@@ -123,6 +125,47 @@ pub enum Error {
     /// A policy or configuration that cannot be run.
     #[error("invalid checkpoint configuration: {0}")]
     Config(String),
+
+    /// A checkpointed stack's backward ran outside [`Checkpointer::backward`] of its engine
+    /// (a plain `loss.backward()`, or candle-nn's `Optimizer::backward_step`), where its
+    /// parameter gradients could reach no gradient store. Refused before anything is
+    /// recomputed, so the graph can still go through the engine.
+    ///
+    /// [`Checkpointer::backward`]: crate::Checkpointer::backward
+    #[error(
+        "the checkpointed stack starting at {layer} (mode {mode}) ran backward outside \
+         `Checkpointer::backward` of its engine: `loss.backward()` and candle-nn's \
+         `opt.backward_step(&loss)` cannot see the gradients of checkpointed weights, and the \
+         optimizer would silently skip them. Fix: `ckpt.backward_step(&mut opt, &loss)`, or \
+         `let grads = ckpt.backward(&loss)?; opt.step(&grads)`, with `ckpt` the engine that ran \
+         the stack (every stack behind one loss must run through that one engine)"
+    )]
+    BackwardOutsideEngine {
+        /// The first layer of the stack.
+        layer: String,
+        /// The mode that stack was run in.
+        mode: Mode,
+    },
+
+    /// [`Checkpointer::backward`] was called while another one was running on the same engine.
+    ///
+    /// [`Checkpointer::backward`]: crate::Checkpointer::backward
+    #[error(
+        "`Checkpointer::backward` was called while another backward of the same engine (mode \
+         {mode}) was running {where_}: one engine collects the gradients of one backward at a \
+         time, and the two would mix. Fix: run the steps one after the other, or give each \
+         training loop its own `Checkpointer`"
+    )]
+    ConcurrentBackward {
+        /// The engine's mode.
+        mode: Mode,
+        /// `on another thread`, or `on this thread (from inside a layer)`.
+        where_: &'static str,
+    },
+
+    /// A [`GradientAudit`](crate::GradientAudit) found trainable variables without a gradient.
+    #[error("{0}")]
+    IncompleteGradients(Box<crate::audit::GradientAudit>),
 }
 
 impl From<Error> for candle_core::Error {

@@ -6,7 +6,10 @@
 //! - [`Layer`] and [`Kwargs`]: what the attribute implements: one entry point taking the layer
 //!   (`&self`), the carry tensor and the owned keyword record.
 //! - [`Checkpointer`]: runs stacks of layers under a [`Policy`] and returns complete gradients
-//!   from [`Checkpointer::backward`]; [`Stats`] says what it kept where and what that cost.
+//!   from [`Checkpointer::backward`], or steps a candle-nn optimizer with them
+//!   ([`Checkpointer::backward_step`]); [`Stats`] says what it kept where and what that cost.
+//! - [`GradientAudit`]: names the trainable variables a backward left without a gradient (the
+//!   weights behind a candle-nn op that cuts the graph).
 //!
 //! A checkpointed stack is one node of candle's graph. The forward runs the layers without
 //! keeping their graphs and stores only each segment's input (its boundary) on the device
@@ -57,6 +60,7 @@
 //! # }
 //! ```
 
+mod audit;
 mod autograd;
 mod budget;
 mod engine;
@@ -68,6 +72,7 @@ mod stats;
 mod store;
 mod sync;
 
+pub use audit::GradientAudit;
 pub use budget::{BudgetPlan, DISK_BANDWIDTH, HOST_BANDWIDTH, LayerCost, plan_budget};
 pub use checkpoint_derive::checkpointable;
 pub use engine::Checkpointer;

@@ -23,7 +23,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
 use checkpoint_runtime::Checkpointer;
 
 use crate::config::Config;
@@ -31,7 +31,7 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::loss::causal_lm_loss;
 use crate::model::Qwen2;
-use crate::train::clip_grad_norm;
+use crate::train::{ClippedAdamW, ClippedAdamWConfig};
 
 /// The shape of the speed comparison with PyTorch: hidden 512, 8 query heads over 2 key/value
 /// heads (head width 64), MLP 1408, vocabulary 4096, an untied output head, `layers` decoder
@@ -122,48 +122,34 @@ impl StepTimes {
 /// [`train::train`](crate::train::train) at a fixed learning rate (AdamW with decoupled weight
 /// decay on matrices only, global-norm clipping), without data sampling or progress output.
 pub struct TrainStep {
-    params: Vec<(String, Var)>,
-    decayed: AdamW,
-    plain: AdamW,
-    clip: f64,
+    opt: ClippedAdamW,
 }
 
 impl std::fmt::Debug for TrainStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrainStep")
-            .field("params", &self.params.len())
-            .field("clip", &self.clip)
-            .finish_non_exhaustive()
+        f.debug_struct("TrainStep").finish_non_exhaustive()
     }
 }
 
 impl TrainStep {
     /// AdamW over `params` at learning rate `lr`, `weight_decay` on matrices, gradients
-    /// clipped to global norm `clip` (`0`: no clipping).
+    /// clipped to global norm `clip` (`0`: no clipping): the training loop's own optimizer.
     ///
     /// # Errors
     /// If candle cannot allocate the optimizer state.
     pub fn new(params: &[(String, Var)], lr: f64, weight_decay: f64, clip: f64) -> Result<Self> {
-        let (matrices, vectors): (Vec<Var>, Vec<Var>) = params
-            .iter()
-            .map(|(_, v)| v.clone())
-            .partition(|v| v.rank() >= 2);
-        let adam = |vars, weight_decay| {
-            AdamW::new(
-                vars,
-                ParamsAdamW {
+        let opt = ClippedAdamW::new(
+            params.iter().map(|(_, v)| v.clone()).collect(),
+            ClippedAdamWConfig {
+                adamw: ParamsAdamW {
                     lr,
                     weight_decay,
                     ..ParamsAdamW::default()
                 },
-            )
-        };
-        Ok(Self {
-            params: params.to_vec(),
-            decayed: adam(matrices, weight_decay)?,
-            plain: adam(vectors, 0.0)?,
-            clip,
-        })
+                clip,
+            },
+        )?;
+        Ok(Self { opt })
     }
 
     /// One step on `batch` through `ckpt`. `after_forward` runs once the loss is computed and
@@ -187,7 +173,7 @@ impl TrainStep {
         after_forward();
 
         let started = Instant::now();
-        let mut grads = ckpt.backward(&loss)?;
+        let grads = ckpt.backward(&loss)?;
         let backward = started.elapsed();
         let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !loss.is_finite() {
@@ -198,9 +184,7 @@ impl TrainStep {
         }
 
         let started = Instant::now();
-        clip_grad_norm(&mut grads, &self.params, self.clip)?;
-        self.decayed.step(&grads)?;
-        self.plain.step(&grads)?;
+        self.opt.step(&grads)?;
         drop(grads);
         Ok(StepTimes {
             forward,

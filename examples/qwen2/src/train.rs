@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Policy, Stats};
+use checkpoint_runtime::{Checkpointer, DiskConfig, GradientAudit, Mode, Policy, Stats};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -384,9 +384,12 @@ impl std::fmt::Display for Summary {
 /// `cfg.eval_every` says (printing each result), and calls `after_step` with the number of
 /// steps done after each optimizer step (to save the model, say).
 ///
+/// After the first step it prints the [`GradientAudit`] of every parameter (by name) to
+/// stderr.
+///
 /// # Errors
 /// A candle or engine error (naming the layer), a non-finite loss, a parameter that receives
-/// no gradient (checked on the first step), `cfg.eval_every` of 0, or the error of `after_step`.
+/// no gradient (audited on the first step), `cfg.eval_every` of 0, or the error of `after_step`.
 pub fn train(
     model: &Qwen2,
     params: &[(String, Var)],
@@ -401,22 +404,17 @@ pub fn train(
             "--eval-every 0: evaluate every 1 or more steps".to_owned(),
         ));
     }
-    let (matrices, vectors): (Vec<Var>, Vec<Var>) = params
-        .iter()
-        .map(|(_, v)| v.clone())
-        .partition(|v| v.rank() >= 2);
-    let adam = |vars, weight_decay| {
-        AdamW::new(
-            vars,
-            ParamsAdamW {
+    let mut opt = ClippedAdamW::new(
+        params.iter().map(|(_, v)| v.clone()).collect(),
+        ClippedAdamWConfig {
+            adamw: ParamsAdamW {
                 lr: cfg.lr,
-                weight_decay,
+                weight_decay: cfg.weight_decay,
                 ..ParamsAdamW::default()
             },
-        )
-    };
-    let mut decayed = adam(matrices, cfg.weight_decay)?;
-    let mut plain = adam(vectors, 0.0)?;
+            clip: cfg.clip,
+        },
+    )?;
     let mut progress = Progress::new(cfg.steps);
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut tokens = 0;
@@ -428,43 +426,37 @@ pub fn train(
     let mut evals = Vec::new();
     for step in 0..cfg.steps {
         let lr = cfg.lr_at(step);
-        decayed.set_learning_rate(lr);
-        plain.set_learning_rate(lr);
+        opt.set_learning_rate(lr);
         let batch = data.sample(cfg.batch, device)?;
         let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(ckpt))?;
         let loss = causal_lm_loss(&logits, &batch.labels)?;
         drop(logits);
-        let mut grads = ckpt.backward(&loss)?;
-        let loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !loss.is_finite() {
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
             return Err(Error::Data(format!(
-                "step {step}: the loss is {loss}; lower --lr (now {lr:.2e})"
+                "step {step}: the loss is {value}; lower --lr (now {lr:.2e})"
             )));
         }
-        if step == 0
-            && let Some((name, _)) = params
-                .iter()
-                .find(|(_, v)| grads.get(v.as_tensor()).is_none())
-        {
-            return Err(Error::Data(format!(
-                "parameter `{name}` received no gradient (mode {}): an op on its path cuts \
-                     the graph",
-                ckpt.mode()
-            )));
+        // One call: candle-nn's `opt.backward_step(&loss)` cannot see the checkpointed
+        // layers' gradients (and fails rather than skip them).
+        let grads = ckpt.backward_step(&mut opt, &loss)?;
+        drop(loss);
+        if step == 0 {
+            let audit = GradientAudit::of_named(&grads, params.iter().map(|(n, v)| (n, v)))?;
+            progress.clear_line();
+            eprintln!("{audit} (mode {})", ckpt.mode());
+            audit.into_result()?;
         }
-        let norm = clip_grad_norm(&mut grads, params, cfg.clip)?;
-        decayed.step(&grads)?;
-        plain.step(&grads)?;
         drop(grads);
         tokens += batch.tokens;
-        losses.push(loss);
+        losses.push(value);
         stats.merge(&ckpt.take_stats());
         print_new_budget_plans(ckpt, &progress, &mut plans_printed);
         let gpu = gpu_used_bytes(device);
         peak_gpu = peak_gpu.max(gpu);
         #[allow(clippy::cast_precision_loss)]
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        progress.update(step + 1, loss, lr, norm, tps, gpu);
+        progress.update(step + 1, value, lr, opt.last_norm(), tps, gpu);
         let done = step + 1;
         let eval_now = done == cfg.steps || cfg.eval_every.is_some_and(|n| done.is_multiple_of(n));
         if eval_now && let Some(eval) = evaluate(model, data, cfg.batch, done, device)? {
@@ -488,30 +480,102 @@ pub fn train(
 }
 
 /// Prints the plans a budget policy made since the last call: one per stack length and batch
-/// shape, each measured on the first step of that shape (nothing without a budget).
+/// size bucket, each measured on the largest batch of its bucket (nothing without a budget).
 fn print_new_budget_plans(ckpt: &Checkpointer, progress: &Progress, printed: &mut Vec<String>) {
     for plan in ckpt.budget_plans() {
         let text = plan.to_string();
         if !printed.contains(&text) {
             progress.clear_line();
-            eprintln!("budget plan (measured on the first step of this batch shape):\n{text}");
+            eprintln!("budget plan (measured on the largest batch of its size bucket):\n{text}");
             printed.push(text);
         }
     }
 }
 
-/// Scales the gradients of `params` so that their global L2 norm is at most `max_norm`
+/// AdamW (candle-nn) with decoupled weight decay on matrices only and global-norm gradient
+/// clipping, as one [`Optimizer`], so that one `ckpt.backward_step(&mut opt, &loss)` steps
+/// every parameter.
+#[derive(Debug)]
+pub struct ClippedAdamW {
+    /// Matrices: decayed.
+    decayed: AdamW,
+    /// Vectors (norms, biases): not decayed.
+    plain: AdamW,
+    vars: Vec<Var>,
+    clip: f64,
+    last_norm: f64,
+}
+
+/// The settings of a [`ClippedAdamW`].
+#[derive(Debug, Clone)]
+pub struct ClippedAdamWConfig {
+    /// AdamW's settings; `weight_decay` applies to matrices only.
+    pub adamw: ParamsAdamW,
+    /// Global gradient-norm bound (0: no clipping).
+    pub clip: f64,
+}
+
+impl ClippedAdamW {
+    /// The global gradient norm of the last step, before clipping.
+    #[must_use]
+    pub fn last_norm(&self) -> f64 {
+        self.last_norm
+    }
+}
+
+impl Optimizer for ClippedAdamW {
+    type Config = ClippedAdamWConfig;
+
+    fn new(vars: Vec<Var>, config: ClippedAdamWConfig) -> candle_core::Result<Self> {
+        let (matrices, vectors): (Vec<Var>, Vec<Var>) =
+            vars.iter().cloned().partition(|v| v.rank() >= 2);
+        let plain = ParamsAdamW {
+            weight_decay: 0.0,
+            ..config.adamw
+        };
+        Ok(Self {
+            decayed: AdamW::new(matrices, config.adamw)?,
+            plain: AdamW::new(vectors, plain)?,
+            vars,
+            clip: config.clip,
+            last_norm: 0.0,
+        })
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let mut clipped = GradStore::default();
+        for var in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                clipped.insert(var.as_tensor(), g.clone());
+            }
+        }
+        self.last_norm = clip_grad_norm(&mut clipped, &self.vars, self.clip)?;
+        self.decayed.step(&clipped)?;
+        self.plain.step(&clipped)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.decayed.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.decayed.set_learning_rate(lr);
+        self.plain.set_learning_rate(lr);
+    }
+}
+
+/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`
 /// (`0`: no clipping). Returns the norm before clipping.
 ///
 /// # Errors
 /// If candle cannot compute the norm.
 pub fn clip_grad_norm(
     grads: &mut GradStore,
-    params: &[(String, Var)],
+    vars: &[Var],
     max_norm: f64,
-) -> Result<f64> {
-    let mut squares = Vec::with_capacity(params.len());
-    for (_, var) in params {
+) -> candle_core::Result<f64> {
+    let mut squares = Vec::with_capacity(vars.len());
+    for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
             squares.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
         }
@@ -522,7 +586,7 @@ pub fn clip_grad_norm(
     let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
-        for (_, var) in params {
+        for var in vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 grads.insert(var.as_tensor(), (g * scale)?);
             }
