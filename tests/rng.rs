@@ -249,11 +249,14 @@ fn plain_calls_draw_from_a_generator_the_caller_owns() -> Result<()> {
     };
     // Without an engine or a scope there is nothing to draw from: an error, never a guess.
     let err = plain(&x).err().map(|e| e.to_string()).unwrap_or_default();
-    assert_eq!(
-        err,
-        "checkpoint_runtime::rng::dropout was called outside any engine invocation and any \
+    // candle appends a backtrace when RUST_BACKTRACE is set.
+    assert!(
+        err.starts_with(
+            "checkpoint_runtime::rng::dropout was called outside any engine invocation and any \
          `Rng::scope`, so nothing decides what it draws. Run the layer through a Checkpointer \
          (Mode::None included), or wrap the plain call in `Rng::new(seed).scope(|| ...)`"
+        ),
+        "{err}"
     );
     let (mut a, mut b) = (Rng::new(11), Rng::new(11));
     let ya = a.scope(|| plain(&x))?.flatten_all()?.to_vec1::<f32>()?;
