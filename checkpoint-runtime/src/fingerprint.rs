@@ -158,7 +158,7 @@ fn bits_hash(t: &Tensor) -> candle_core::Result<u64> {
         let slice = data.get(range.0..range.1).unwrap_or_default();
         // FxHash's step per element, and a final mix so that every bit reaches every bit.
         let h = slice.iter().fold(slice.len() as u64, |h, x| {
-            (h.rotate_left(5) ^ bits(x)).wrapping_mul(0x51_7cc1_b727_220a_95)
+            (h.rotate_left(5) ^ bits(x)).wrapping_mul(0x517c_c1b7_2722_0a95)
         });
         crate::rng::mix(h)
     }

@@ -81,7 +81,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Domain tags, so that keys derived for different purposes never coincide by construction.
 const TAG_ENGINE: u64 = 0x656e_6769_6e65; // "engine"
 const TAG_USER: u64 = 0x7573_6572; // "user"
-const TAG_LAYER: u64 = 0x6c61_7965_72; // "layer"
+const TAG_LAYER: u64 = 0x006c_6179_6572; // "layer"
 const TAG_DRAW: u64 = 0x6472_6177; // "draw"
 
 /// SplitMix64's output function: a bijective 64-bit mix.
