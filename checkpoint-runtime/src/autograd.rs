@@ -16,8 +16,10 @@ use candle_core::{
 
 use crate::engine::Shared;
 use crate::error::Error;
+use crate::fingerprint::Fingerprint;
 use crate::layer::{Kwargs, Layer, describe};
-use crate::policy::{Mode, Segment};
+use crate::policy::{Mode, RecomputeCheck, Segment};
+use crate::rng::StackKey;
 use crate::store::Saved;
 use crate::sync::lock;
 
@@ -26,30 +28,74 @@ pub(crate) struct Stack<L, K> {
     /// The layers (cheap clones sharing their weights) with their keyword arguments.
     pub(crate) calls: Vec<(L, K)>,
     /// One entry per segment, in forward order.
-    pub(crate) saved: Vec<(Segment, Saved)>,
+    pub(crate) saved: Vec<Kept>,
+    /// The stack's random key: recomputation draws what the forward drew.
+    pub(crate) key: StackKey,
 }
 
-/// Runs `calls[range]` on `input`, naming the failing layer in the error.
+/// What one segment keeps between its forward and its backward.
+pub(crate) struct Kept {
+    pub(crate) seg: Segment,
+    pub(crate) saved: Saved,
+    /// The forward's fingerprint of each layer output of a recomputed segment (none for a
+    /// segment that keeps its graph).
+    pub(crate) prints: Vec<Fingerprint>,
+}
+
+/// What [`run_segment`] does with each layer's output.
+pub(crate) enum Outputs<'a> {
+    /// Keeps its graph: the plain forward.
+    Keep,
+    /// Detaches it (nothing needs its graph until recomputation) and records its fingerprint:
+    /// a checkpointed forward.
+    Record(&'a mut Vec<Fingerprint>, RecomputeCheck),
+    /// Keeps its graph and checks it against the forward's fingerprint: recomputation.
+    Verify(&'a [Fingerprint]),
+}
+
+/// Runs `calls[seg]` on `input`, each layer inside its invocation of `key` (its random
+/// draws), naming the failing layer in the error.
 pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
     calls: &[(L, K)],
     seg: Segment,
     input: &Tensor,
-    phase: &'static str,
+    key: StackKey,
     mode: Mode,
-    detach_each: bool,
+    mut outputs: Outputs<'_>,
 ) -> crate::Result<Tensor> {
+    let phase = match outputs {
+        Outputs::Verify(_) => "recompute",
+        Outputs::Keep | Outputs::Record(..) => "forward",
+    };
     let mut hidden = input.clone();
     for (index, (layer, kwargs)) in calls.iter().enumerate().take(seg.end).skip(seg.start) {
-        let out = layer
-            .forward_checkpointed(&hidden, kwargs)
+        let out = key
+            .invoke(index, || layer.forward_checkpointed(&hidden, kwargs))
             .map_err(|source| Error::Layer {
                 layer: describe::<L, K>(index),
                 phase,
                 mode,
                 source: Box::new(source),
             })?;
-        // In the checkpointed forward nothing needs this layer's graph: drop it at once.
-        hidden = if detach_each { out.detach() } else { out };
+        hidden = match &mut outputs {
+            Outputs::Keep => out,
+            Outputs::Record(prints, check) => {
+                prints.push(Fingerprint::of(&out, *check)?);
+                out.detach()
+            }
+            Outputs::Verify(prints) => {
+                let forward = prints.get(index - seg.start);
+                if let Some(detail) = forward.map(|p| p.compare(&out)).transpose()?.flatten() {
+                    return Err(Error::RecomputeMismatch {
+                        layer: describe::<L, K>(index),
+                        invocation: key.to_string(),
+                        mode,
+                        detail,
+                    });
+                }
+                out
+            }
+        };
     }
     Ok(hidden)
 }
@@ -106,33 +152,38 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                 Error::BackwardTwice { layer, mode }
             }
         })?;
-        let Stack { calls, saved } = stack;
+        let Stack { calls, saved, key } = stack;
         // The boundaries, in the order this backward takes them (disk files are loaded ahead).
         let readers = self
             .shared
             .stores
-            .readers(saved.iter().rev().filter_map(|(_, kept)| match kept {
+            .readers(saved.iter().rev().filter_map(|kept| match &kept.saved {
                 Saved::Boundary(boundary) => Some(boundary),
                 Saved::Graph { .. } => None,
             }))?;
         let mut grad = grad.clone();
         let mut segments = saved.into_iter().rev().peekable();
-        while let Some((seg, kept)) = segments.next() {
-            let (input, output) = match kept {
+        while let Some(Kept { seg, saved, prints }) = segments.next() {
+            let (input, output) = match saved {
                 Saved::Graph { input, output } => (input, output),
                 Saved::Boundary(boundary) => {
                     let layer = describe::<L, K>(seg.start);
                     let boundary = self.shared.fetch(boundary, &readers, &layer)?;
                     // Bring the next boundary back while this segment recomputes.
-                    if let Some((next_seg, Saved::Boundary(next))) = segments.peek() {
+                    if let Some(Kept {
+                        seg: next_seg,
+                        saved: Saved::Boundary(next),
+                        ..
+                    }) = segments.peek()
+                    {
                         next.prefetch(&describe::<L, K>(next_seg.start))?;
                     }
                     let started = Instant::now();
                     // A copy, so that the boundary is a leaf whose gradient nothing swallows.
                     let input = Var::from_tensor(&boundary)?;
                     drop(boundary);
-                    let output =
-                        run_segment(&calls, seg, input.as_tensor(), "recompute", mode, false)?;
+                    let verify = Outputs::Verify(&prints);
+                    let output = run_segment(&calls, seg, input.as_tensor(), key, mode, verify)?;
                     self.shared.stats_mut().recompute += started.elapsed();
                     (input, output)
                 }

@@ -13,11 +13,12 @@ use candle_nn::Optimizer;
 
 use std::time::Instant;
 
-use crate::autograd::{Stack, StackOp, run_segment};
+use crate::autograd::{Kept, Outputs, Stack, StackOp, run_segment};
 use crate::budget::{BudgetPlan, LayerCost, graph_bytes, plan_budget};
 use crate::error::{Error, Result};
 use crate::layer::{Kwargs, Layer, describe};
 use crate::policy::{Mode, Placement, Policy, Segment};
+use crate::rng::{StackKey, Streams};
 use crate::stats::Stats;
 use crate::store::disk::DiskConfig;
 use crate::store::{Boundary, Readers, Saved, Stores, tensor_bytes};
@@ -123,6 +124,8 @@ pub(crate) struct Shared {
     /// The thread running [`Checkpointer::backward`], while it runs: the only backward whose
     /// stack gradients reach a store.
     collecting: Mutex<Option<ThreadId>>,
+    /// The seed and stack count that key the layers' random draws.
+    rng: Streams,
 }
 
 /// What a budget plan is kept under: the number of layers and the carry's element count
@@ -342,8 +345,29 @@ impl Checkpointer {
                 plans: Mutex::default(),
                 depth: AtomicUsize::new(0),
                 collecting: Mutex::default(),
+                rng: Streams::default(),
             }),
         }
+    }
+
+    /// This engine, drawing its layers' randomness ([`rng`](crate::rng)) from `seed`, and
+    /// counting stacks from zero again. Without it the seed is 0.
+    ///
+    /// The masks a layer draws are a function of the seed, how many stacks the engine ran
+    /// before (since it was created or reseeded), the layer's position in its stack and the
+    /// draw's position in the layer. So each step draws new masks, and a training run started
+    /// again from the same seed draws the same ones, in every mode. Clones of an engine share
+    /// its seed.
+    #[must_use]
+    pub fn with_seed(self, seed: u64) -> Self {
+        self.shared.rng.reseed(seed);
+        self
+    }
+
+    /// The seed of the layers' random draws; see [`with_seed`](Self::with_seed).
+    #[must_use]
+    pub fn seed(&self) -> u64 {
+        self.shared.rng.seed()
     }
 
     /// Waits until every boundary sent to disk so far is written.
@@ -408,8 +432,10 @@ impl Checkpointer {
             .map(|(layer, kwargs)| (layer.clone(), kwargs))
             .collect();
         let mode = shared.policy.mode();
+        // Keyed in every mode, so that each layer draws the same randomness in all of them.
+        let key = shared.rng.next_stack();
         let plan = match shared.policy.memory_budget() {
-            Some(budget) => self.budget_segments(&calls, carry, budget)?,
+            Some(budget) => self.budget_segments(&calls, carry, budget, key)?,
             None => shared.policy.plan(calls.len()),
         };
         shared.stats_mut().stacks += 1;
@@ -419,7 +445,7 @@ impl Checkpointer {
                 end: calls.len(),
                 placement: Placement::Graph,
             };
-            return run_segment(&calls, whole, carry, "forward", mode, false);
+            return run_segment(&calls, whole, carry, key, mode, Outputs::Keep);
         }
         if !carry.dtype().is_float() {
             return Err(Error::Config(format!(
@@ -432,27 +458,34 @@ impl Checkpointer {
             )));
         }
 
+        let check = shared.policy.recompute_check();
         let mut hidden = carry.detach();
         let mut saved = Vec::with_capacity(plan.len());
         for seg in plan {
+            let mut prints = Vec::new();
             let kept = if seg.placement == Placement::Graph {
                 let input = Var::from_tensor(&hidden)?;
-                let output = run_segment(&calls, seg, input.as_tensor(), "forward", mode, false)?;
+                let output = run_segment(&calls, seg, input.as_tensor(), key, mode, Outputs::Keep)?;
                 hidden = output.detach();
                 Saved::Graph { input, output }
             } else {
                 let boundary = shared.store(&hidden, seg, &describe::<L, K>(seg.start))?;
-                hidden = run_segment(&calls, seg, &hidden, "forward", mode, true)?;
+                let record = Outputs::Record(&mut prints, check);
+                hidden = run_segment(&calls, seg, &hidden, key, mode, record)?;
                 Saved::Boundary(boundary)
             };
-            saved.push((seg, kept));
+            saved.push(Kept {
+                seg,
+                saved: kept,
+                prints,
+            });
         }
 
         let anchor = Var::zeros(1, carry.dtype(), carry.device())?;
         let op = StackOp {
             shared: Arc::clone(shared),
             output: Mutex::new(Some(hidden)),
-            stack: Mutex::new(Some(Stack { calls, saved })),
+            stack: Mutex::new(Some(Stack { calls, saved, key })),
         };
         Ok(carry.apply_op2(anchor.as_tensor(), op)?)
     }
@@ -460,11 +493,13 @@ impl Checkpointer {
     /// The budget plan for `calls` on `carry`: its bucket's plan (see [`PlanKey`]), probing the
     /// layers on the bucket's first carry and on any carry larger than the one probed, so that
     /// the plan is made for the largest carry its bucket has run and fits the smaller ones.
+    /// Probes run inside the invocations of `stack`, so that they draw what the forward will.
     fn budget_segments<L: Layer<K>, K: Kwargs>(
         &self,
         calls: &[(L, K)],
         carry: &Tensor,
         budget: u64,
+        stack: StackKey,
     ) -> Result<Vec<Segment>> {
         let key = PlanKey::new(calls.len(), carry);
         let elems = carry.elem_count();
@@ -487,8 +522,10 @@ impl Checkpointer {
         for (index, (layer, kwargs)) in calls.iter().enumerate() {
             let input = Var::from_tensor(&hidden)?;
             let started = Instant::now();
-            let output = layer
-                .forward_checkpointed(input.as_tensor(), kwargs)
+            let output = stack
+                .invoke(index, || {
+                    layer.forward_checkpointed(input.as_tensor(), kwargs)
+                })
                 .map_err(|source| Error::Layer {
                     layer: describe::<L, K>(index),
                     phase: "probe",

@@ -166,6 +166,48 @@ pub enum Error {
     /// A [`GradientAudit`](crate::GradientAudit) found trainable variables without a gradient.
     #[error("{0}")]
     IncompleteGradients(Box<crate::audit::GradientAudit>),
+
+    // Randomness and the recomputation check.
+    /// A layer drew randomness through [`rng`](crate::rng) with nothing to draw from: no engine
+    /// is running it and no [`Rng::scope`](crate::rng::Rng::scope) encloses it.
+    #[error(
+        "checkpoint_runtime::rng::{what} was called outside any engine invocation and any \
+         `Rng::scope`, so nothing decides what it draws. Run the layer through a Checkpointer \
+         (Mode::None included), or wrap the plain call in `Rng::new(seed).scope(|| ...)`"
+    )]
+    NoRandomSource {
+        /// The helper that drew.
+        what: &'static str,
+    },
+
+    /// A dropout probability outside `[0, 1)`.
+    #[error(
+        "dropout probability {p} is not in [0, 1): pass the probability of zeroing an element \
+         (0.1 zeroes 10%), or 0 for no dropout"
+    )]
+    InvalidDropout {
+        /// The probability given.
+        p: f32,
+    },
+
+    /// A recomputed layer output differs from the forward's.
+    #[error(
+        "{layer}, in {invocation}, recomputed a different output than in the forward pass \
+         (mode {mode}): {detail}. A checkpointed layer must be a deterministic function of its \
+         carry, its keyword arguments and its weights: draw randomness through \
+         checkpoint_runtime::rng (not candle_nn::ops::dropout or Tensor::rand), and keep \
+         counters and caches out of its forward"
+    )]
+    RecomputeMismatch {
+        /// The layer whose output differs: its position in the stack, type and method.
+        layer: String,
+        /// Which run of the stack: the engine's count of stacks when it ran.
+        invocation: String,
+        /// The mode of the stack.
+        mode: Mode,
+        /// What differs, forward against recomputation.
+        detail: String,
+    },
 }
 
 impl From<Error> for candle_core::Error {

@@ -10,6 +10,9 @@
 //!   ([`Checkpointer::backward_step`]); [`Stats`] says what it kept where and what that cost.
 //! - [`GradientAudit`]: names the trainable variables a backward left without a gradient (the
 //!   weights behind a candle-nn op that cuts the graph).
+//! - [`rng`]: dropout and uniform draws that recomputation replays (candle's own
+//!   `candle_nn::ops::dropout` draws anew when a layer is recomputed, and its gradients are
+//!   wrong); [`RecomputeCheck`] checks every recomputed output against the forward's.
 //!
 //! A checkpointed stack is one node of candle's graph. The forward runs the layers without
 //! keeping their graphs and stores only each segment's input (its boundary) on the device
@@ -65,9 +68,11 @@ mod autograd;
 mod budget;
 mod engine;
 mod error;
+mod fingerprint;
 mod layer;
 mod partial;
 mod policy;
+pub mod rng;
 mod stats;
 mod store;
 mod sync;
@@ -79,7 +84,7 @@ pub use engine::Checkpointer;
 pub use error::{Error, Result};
 pub use layer::{Kwargs, Layer};
 pub use partial::Partial;
-pub use policy::{Mode, Placement, Policy, Segment};
+pub use policy::{Mode, Placement, Policy, RecomputeCheck, Segment};
 pub use stats::Stats;
 pub use store::disk::DiskConfig;
 

@@ -112,6 +112,52 @@ pub struct Segment {
     pub placement: Placement,
 }
 
+/// How closely the engine checks that recomputation reproduced the forward pass.
+///
+/// Every checkpointed layer is re-run during backward, and its gradients are right only if it
+/// computes what it computed in the forward. The engine compares each recomputed layer output
+/// with what it recorded in the forward, and fails with
+/// [`Error::RecomputeMismatch`](crate::Error::RecomputeMismatch), naming the layer, on a
+/// difference. It keeps no copy of the outputs (that would undo checkpointing), only a
+/// fingerprint.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum RecomputeCheck {
+    /// Shape, dtype and device of every output. Always on: it costs nothing.
+    #[default]
+    Layout,
+    /// Also the values. On a CPU device a 64-bit hash of the output's bits must match: bit for
+    /// bit. On other devices the output's sum and absolute sum (reduced in `f32` on the device,
+    /// which waits for it once per layer) must each agree within `tolerance` × the forward's
+    /// absolute sum, since GPU kernels need not reproduce their rounding.
+    Values {
+        /// The relative tolerance on GPUs; [`RecomputeCheck::values`] uses `1e-4`.
+        tolerance: f64,
+    },
+}
+
+impl RecomputeCheck {
+    /// [`Values`](Self::Values), with a GPU tolerance of `1e-4`.
+    #[must_use]
+    pub const fn values() -> Self {
+        Self::Values { tolerance: 1e-4 }
+    }
+}
+
+// Tolerances compare by their bits, so that a policy holding one is `Eq` like any other.
+impl PartialEq for RecomputeCheck {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Layout, Self::Layout) => true,
+            (Self::Values { tolerance: a }, Self::Values { tolerance: b }) => {
+                a.to_bits() == b.to_bits()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for RecomputeCheck {}
+
 /// Which layers of a stack are checkpointed, in which mode, and in segments of how many layers.
 ///
 /// ```
@@ -128,6 +174,7 @@ pub struct Policy {
     first: Option<usize>,
     keep_last: usize,
     budget: Option<u64>,
+    check: RecomputeCheck,
 }
 
 impl Policy {
@@ -140,6 +187,7 @@ impl Policy {
             first: None,
             keep_last: 0,
             budget: None,
+            check: RecomputeCheck::Layout,
         }
     }
 
@@ -188,6 +236,22 @@ impl Policy {
     pub const fn budget(mut self, bytes: u64) -> Self {
         self.budget = Some(bytes);
         self
+    }
+
+    /// How recomputed outputs are checked against the forward's: [`RecomputeCheck::Layout`]
+    /// (the default) or [`RecomputeCheck::values`], which also compares the values (bit for bit
+    /// on CPU) at the cost of hashing every checkpointed layer's output once in the forward and
+    /// once in the backward.
+    #[must_use]
+    pub const fn check_recompute(mut self, check: RecomputeCheck) -> Self {
+        self.check = check;
+        self
+    }
+
+    /// How recomputed outputs are checked.
+    #[must_use]
+    pub const fn recompute_check(&self) -> RecomputeCheck {
+        self.check
     }
 
     /// The memory budget, if any.
