@@ -67,6 +67,11 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The error's message without the backtrace candle appends when `RUST_BACKTRACE` is set.
+fn message(err: Option<candle_core::Error>) -> Option<String> {
+    err.map(|e| e.to_string().lines().next().unwrap_or_default().to_owned())
+}
+
 fn bits(a: &[Vec<f32>]) -> Vec<Vec<u32>> {
     a.iter()
         .map(|v| v.iter().map(|x| x.to_bits()).collect())
@@ -166,12 +171,12 @@ fn rms_norm_refuses_a_misshapen_weight() -> TestResult {
     let (x, _) = rms_inputs()?;
     let err = rms_norm(&x, &Tensor::ones(47, DType::F32, &DEV)?, 1e-6).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some("rms_norm: `weight` has shape [47] but `xs` ends in 48; the weight must be (48,)")
     );
     let err = rms_norm(&x, &Tensor::ones(48, DType::BF16, &DEV)?, 1e-6).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some(
             "rms_norm: `weight` is BF16 but `xs` is F32; convert one with `to_dtype` so they match"
         )
@@ -222,7 +227,7 @@ fn rope_refuses_bad_tables() -> TestResult {
     let (x, cos, sin) = rope_inputs(6)?;
     let err = rope(&x, &cos.narrow(0, 0, 2)?, &sin).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some(
             "rope: `cos` has shape [2, 4]; it must be (t_max, 4) with t_max >= 3, the sequence \
              length of `xs`"
@@ -231,7 +236,7 @@ fn rope_refuses_bad_tables() -> TestResult {
     let trained = Var::from_tensor(&cos)?;
     let err = rope(&x, &trained, &sin).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some(
             "rope: `cos` requires a gradient, which this op does not compute; pass a detached \
              tensor (`detach()`) or use the composite candle ops"
@@ -304,7 +309,7 @@ fn masked_softmax_refuses_a_mask_that_does_not_broadcast() -> TestResult {
     let scores = seeded(&[2, 3, 5, 5], 11)?;
     let err = masked_softmax(&scores, Some(&seeded(&[3, 1, 5, 5], 12)?), 1.0).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some(
             "masked_softmax: `mask` has shape [3, 1, 5, 5], which does not broadcast to the \
              scores' [2, 3, 5, 5]; give it size 1 or the scores' size in each dimension"
@@ -336,7 +341,7 @@ fn silu_mul_is_deterministic() -> TestResult {
 fn silu_mul_refuses_different_shapes() -> TestResult {
     let err = silu_mul(&seeded(&[2, 3], 1)?, &seeded(&[3, 2], 2)?).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some("silu_mul: `gate` has shape [2, 3] but `up` [3, 2]; they must be equal")
     );
     Ok(())
@@ -380,8 +385,11 @@ fn cross_entropy_matches_the_composite_loss_and_its_gradient() -> TestResult {
     let targets = ce_targets(n, vocab)?;
     let fused = value_and_grads(&[&logits], &|t| cross_entropy(&t[0], &targets))?;
     let composite = value_and_grads(&[&logits], &|t| composite_cross_entropy(&t[0], &targets))?;
+    // The loss (about 7) differs in its last bits: the fused op sums the rows in f64.
     let diff = max_abs_diff(&fused, &composite);
-    assert!(diff < 1e-6, "max |diff| {diff}");
+    assert!(diff < 1e-5, "max |diff| {diff}");
+    let diff = max_abs_diff(&fused[1..], &composite[1..]);
+    assert!(diff < 1e-7, "gradient max |diff| {diff}");
     // Ignored rows get exactly zero.
     assert!(fused[1][3 * vocab..4 * vocab].iter().all(|&g| g == 0.0));
     check_finite_differences(&logits, &fused[1], &|t| cross_entropy(t, &targets))
@@ -390,16 +398,19 @@ fn cross_entropy_matches_the_composite_loss_and_its_gradient() -> TestResult {
 #[test]
 fn cross_entropy_of_bf16_logits_has_a_bf16_gradient_close_to_f32() -> TestResult {
     let (n, vocab) = (9, 64);
-    let logits = var(&[n, vocab], 18, 3.0)?;
+    let half = Var::from_tensor(&(seeded(&[n, vocab], 18)? * 3.0)?.to_dtype(DType::BF16)?)?;
     let targets = ce_targets(n, vocab)?;
-    let reference = value_and_grads(&[&logits], &|t| cross_entropy(&t[0], &targets))?;
-    let half = Var::from_tensor(&logits.to_dtype(DType::BF16)?)?;
+    // The same (rounded) logits in f32: only the gradient's rounding to bf16 differs.
+    let logits = Var::from_tensor(&half.to_dtype(DType::F32)?)?;
+    let reference = cross_entropy(&logits, &targets)?.backward()?;
+    let reference = reference.get(logits.as_tensor()).ok_or("no gradient")?;
     let loss = cross_entropy(&half, &targets)?;
     assert_eq!(loss.dtype(), DType::F32);
     let grads = loss.backward()?;
     let g = grads.get(half.as_tensor()).ok_or("no gradient")?;
     assert_eq!(g.dtype(), DType::BF16);
-    let diff = max_abs_diff(&reference[1..], &[flat(g)?]);
+    let diff = max_abs_diff(&[flat(reference)?], &[flat(g)?]);
+    // |g| <= 1 / count (about 0.14 here), rounded to bf16 (8 bits): up to 5e-4.
     assert!(diff < 1e-3, "max |diff| {diff}");
     Ok(())
 }
@@ -424,7 +435,7 @@ fn cross_entropy_refuses_bad_targets() -> TestResult {
     let logits = seeded(&[2, 4], 1)?;
     let err = cross_entropy(&logits, &Tensor::new(&[1i64, 4], &DEV)?).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some(
             "cross_entropy: target 4 (row 1) is outside the vocabulary 0..4; use -100 for rows \
              that are not counted"
@@ -432,12 +443,12 @@ fn cross_entropy_refuses_bad_targets() -> TestResult {
     );
     let err = cross_entropy(&logits, &Tensor::new(&[1f32, 2.0], &DEV)?).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some("cross_entropy: `targets` has dtype F32; use an integer dtype (u32 or i64)")
     );
     let err = cross_entropy(&logits, &Tensor::new(&[-100i64, -100], &DEV)?).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some("cross_entropy: every target is -100: there is no token to predict")
     );
     Ok(())
@@ -524,7 +535,7 @@ fn adamw_refuses_bad_hyper_parameters() -> TestResult {
     };
     let err = AdamW::new(vec![w], params).err();
     assert_eq!(
-        err.map(|e| e.to_string()).as_deref(),
+        message(err).as_deref(),
         Some(
             "adamw: hyper-parameters out of range (lr 0.001, beta1 1, beta2 0.999, eps 0.00000001, \
              weight decay 0.01); need lr >= 0, betas in [0, 1), eps > 0, weight decay >= 0"
