@@ -107,7 +107,7 @@ impl Optimizer for AdamW {
     /// # Errors
     /// If a gradient's shape or dtype differs from its variable's.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step = self.step.checked_add(1).unwrap_or(u32::MAX);
+        self.step = self.step.saturating_add(1);
         let p = &self.params;
         let step = i32::try_from(self.step).unwrap_or(i32::MAX);
         #[allow(clippy::cast_possible_truncation)]

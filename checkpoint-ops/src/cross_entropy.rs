@@ -62,7 +62,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if y == IGNORE_INDEX {
             continue;
         }
-        if usize::try_from(y).map_or(true, |y| y >= vocab) {
+        if !usize::try_from(y).is_ok_and(|y| y < vocab) {
             bail!(
                 "{OP}: target {y} (row {row}) is outside the vocabulary 0..{vocab}; use \
                  {IGNORE_INDEX} for rows that are not counted"

@@ -106,11 +106,13 @@ impl CustomOp3 for Rope {
                         let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
                         let (x1, x2) = x.split_at(half);
                         let (o1, o2) = out.split_at_mut(half);
-                        for k in 0..half {
-                            let (a, b) = (x1[k].to_f32(), x2[k].to_f32());
-                            let (c, s) = (c[k].to_f32(), sign * s[k].to_f32());
-                            o1[k] = T::from_f32(a * c - b * s);
-                            o2[k] = T::from_f32(b * c + a * s);
+                        let outs = o1.iter_mut().zip(o2.iter_mut());
+                        let ins = x1.iter().zip(x2).zip(c.iter().zip(s));
+                        for ((o1, o2), ((&a, &b), (&c, &s))) in outs.zip(ins) {
+                            let (a, b) = (a.to_f32(), b.to_f32());
+                            let (c, s) = (c.to_f32(), sign * s.to_f32());
+                            *o1 = T::from_f32(a * c - b * s);
+                            *o2 = T::from_f32(b * c + a * s);
                         }
                     }
                 });
