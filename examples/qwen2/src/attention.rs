@@ -1,11 +1,12 @@
 //! Grouped-query self-attention with q/k/v biases, as Qwen2Attention computes it in eager mode:
 //! scores in the compute dtype, the additive mask and the softmax in f32, then back.
 //!
-//! Only differentiable ops: `candle_nn::ops::softmax` (not `softmax_last_dim`), `rope_slow`,
-//! plain matmuls (no `sdpa`). No KV cache: this is the training path, and recomputation must
-//! not mutate the layer.
+//! Only differentiable ops: the fused `checkpoint_ops::masked_softmax` (scale, mask and softmax
+//! in one pass, f32 inside; not candle-nn's `softmax_last_dim`, which cuts the gradient),
+//! `checkpoint_ops::rope`, plain matmuls (no `sdpa`). No KV cache: this is the training path, and
+//! recomputation must not mutate the layer.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::Config;
@@ -63,8 +64,7 @@ impl Attention {
 
         #[allow(clippy::cast_precision_loss)]
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nh, t, t)
-        let dtype = scores.dtype();
+        let scores = q.matmul(&k.t()?)?; // (b, nh, t, t), unscaled
         let causal;
         let mask = match mask {
             Some(m) => m,
@@ -73,8 +73,8 @@ impl Attention {
                 &causal
             }
         };
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?; // (b, nh, t, t)
+        // softmax(scores · scale + mask) in f32, returned in the compute dtype.
+        let probs = checkpoint_ops::masked_softmax(&scores, Some(mask), scale)?; // (b, nh, t, t)
         let out = probs.matmul(&v)?; // (b, nh, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, nh * d))?; // (b, t, nh * d)
         self.o_proj.forward(&out) // (b, t, hidden)

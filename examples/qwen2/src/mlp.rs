@@ -1,4 +1,5 @@
-//! The SwiGLU feed-forward block: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+//! The SwiGLU feed-forward block: `down_proj(silu(gate_proj(x)) * up_proj(x))`, the gate and the
+//! product fused (`checkpoint_ops::silu_mul`).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -33,8 +34,9 @@ impl Mlp {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(xs)?.silu()?; // (b, t, i)
+        let gate = self.gate_proj.forward(xs)?; // (b, t, i)
         let up = self.up_proj.forward(xs)?; // (b, t, i)
-        self.down_proj.forward(&(gate * up)?) // (b, t, h)
+        self.down_proj
+            .forward(&checkpoint_ops::silu_mul(&gate, &up)?) // (b, t, h)
     }
 }

@@ -1,5 +1,5 @@
 //! Small building blocks shared by the modules: a linear layer initialised the way transformers
-//! initialises Qwen2, and an RMS norm written with differentiable ops.
+//! initialises Qwen2, and an RMS norm (the fused, differentiable `checkpoint_ops::rms_norm`).
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
@@ -28,9 +28,10 @@ pub(crate) fn linear(
     Ok(Linear::new(weight, bias))
 }
 
-/// Root-mean-square normalisation, Qwen2RMSNorm: statistics in f32, weight applied in the input
-/// dtype. Built on `candle_nn::ops::rms_norm_slow`; the fused `rms_norm` / `RmsNorm::forward`
-/// would cut the gradient (DESIGN §4).
+/// Root-mean-square normalisation, Qwen2RMSNorm: statistics in f32. One pass per row with
+/// [`checkpoint_ops::rms_norm`], which has a backward (candle-nn's fused `rms_norm` /
+/// `RmsNorm::forward` would cut the gradient, DESIGN §4); in bf16/f16 the weight is applied
+/// before the single rounding, where transformers rounds the normalised value first.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -56,6 +57,6 @@ impl RmsNorm {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm_slow(xs, &self.weight, self.eps)
+        checkpoint_ops::rms_norm(xs, &self.weight, self.eps)
     }
 }

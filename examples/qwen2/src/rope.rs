@@ -1,7 +1,7 @@
 //! The rotary position embedding of Qwen2 (the "default" rope type, no scaling):
 //! `inv_freq[i] = 1 / theta^(2i / head_dim)`, angle = position × inv_freq, computed in f32 and
-//! cast to the compute dtype, as transformers does. Applied with `rope_slow` (the fused
-//! `rope` / `rope_i` / `rope_thd` kernels cut the gradient).
+//! cast to the compute dtype, as transformers does. Applied with the fused, differentiable
+//! `checkpoint_ops::rope` (candle-nn's `rope` / `rope_i` / `rope_thd` kernels cut the gradient).
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -41,11 +41,11 @@ impl Rope {
         })
     }
 
-    /// Rotates `xs` of shape `(b, h, t, d)` (contiguous).
+    /// Rotates `xs` of shape `(b, h, t, d)` (any layout; the op makes it contiguous).
     ///
     /// # Errors
     /// If `xs` is longer than the tables or misshapen.
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope_slow(&xs.contiguous()?, &self.cos, &self.sin)
+        checkpoint_ops::rope(xs, &self.cos, &self.sin)
     }
 }
