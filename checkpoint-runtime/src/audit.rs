@@ -177,7 +177,9 @@ mod tests {
         let used = Var::new(&[1f32, 2.0], &dev)?;
         let zeroed = Var::new(&[3f32, 4.0], &dev)?;
         let unused = Var::new(&[5f32], &dev)?;
-        let loss = (used.as_tensor().sum_all()? + (zeroed.as_tensor() * 0.0)?.sum_all()?)?;
+        // `z - z`: the two paths' gradients cancel, leaving an all-zero one.
+        let cancelled = (zeroed.as_tensor() - zeroed.as_tensor())?;
+        let loss = (used.as_tensor().sum_all()? + cancelled.sum_all()?)?;
         let grads = loss.backward()?;
         let audit = GradientAudit::of_named(
             &grads,

@@ -94,6 +94,8 @@ pub fn random_batch(
         attention_mask: Tensor::ones((batch, seq), DType::U32, device)?,
         labels: Tensor::from_vec(labels, (batch, seq), device)?,
         tokens: batch * seq,
+        // Every position but each row's first predicts the next token.
+        targets: batch * (seq - 1),
     })
 }
 
