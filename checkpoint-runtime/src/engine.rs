@@ -83,7 +83,7 @@ use crate::sync::lock;
 /// let layer = Scale(Var::new(&[0.5f32], &Device::Cpu)?);
 /// let mut opt = SGD::new(vec![layer.0.clone()], 0.1)?;
 /// let ckpt = Checkpointer::new(Policy::recompute());
-/// let x = Tensor::new(&[[1.0f32, -1.0]], &Device::Cpu)?;
+/// let x = Tensor::new(&[[1.0f32, 2.0]], &Device::Cpu)?;
 /// let loss = ckpt.run(&layer, &x, ())?.sum_all()?;
 /// let err = opt.backward_step(&loss).expect_err("would skip the checkpointed weight");
 /// assert!(err.to_string().contains("ckpt.backward_step(&mut opt, &loss)"));
