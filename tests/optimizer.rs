@@ -82,10 +82,13 @@ fn adamw_backward_step_fails_on_the_first_step_and_steps_nothing() -> Result<()>
     Ok(())
 }
 
+/// Every weight's values, in a fixed order.
+type Weights = Vec<Vec<f32>>;
+
 #[test]
 fn ckpt_backward_step_updates_every_weight_as_mode_none_does() -> Result<()> {
     let x = input()?;
-    let train = |mode: Mode| -> checkpoint_runtime::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    let train = |mode: Mode| -> checkpoint_runtime::Result<(Weights, Weights)> {
         let model = Model::new(1)?;
         let initial = model.weights()?;
         let mut opt = adamw(&model)?;
