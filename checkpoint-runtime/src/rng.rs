@@ -59,7 +59,7 @@
 //!
 //! A layer called without an engine (a `#[checkpointable(engine = ckpt)]` forward with
 //! `ckpt = None`, or a direct call) has no invocation to draw from, and a draw there fails with
-//! [`Error::NoRandomSource`](crate::Error::NoRandomSource) rather than guess. Give such calls a
+//! [`Error::NoRandomSource`] rather than guess. Give such calls a
 //! generator of your own with [`Rng::scope`]: every draw in the scope takes the generator's next
 //! number, so a sequence of scoped calls is reproducible from the seed. Those are not the masks
 //! an engine draws (a plain call has no stack position); to compare a checkpointed run with the
@@ -287,8 +287,8 @@ impl Rng {
 /// nothing (so an evaluation pass needs no engine or scope).
 ///
 /// # Errors
-/// [`Error::InvalidDropout`](crate::Error::InvalidDropout) for `p` outside `[0, 1)`;
-/// [`Error::NoRandomSource`](crate::Error::NoRandomSource) outside any engine invocation and
+/// [`Error::InvalidDropout`] for `p` outside `[0, 1)`;
+/// [`Error::NoRandomSource`] outside any engine invocation and
 /// any [`Rng::scope`]; a candle error if the mask cannot be built on `xs`'s device.
 pub fn dropout(xs: &Tensor, p: f32) -> candle_core::Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
@@ -313,7 +313,7 @@ pub fn dropout(xs: &Tensor, p: f32) -> candle_core::Result<Tensor> {
 /// dtype), drawn like [`dropout`]'s masks: recomputation replays it.
 ///
 /// # Errors
-/// [`Error::NoRandomSource`](crate::Error::NoRandomSource) outside any engine invocation and
+/// [`Error::NoRandomSource`] outside any engine invocation and
 /// any [`Rng::scope`]; a candle error if the tensor cannot be built.
 pub fn uniform(
     shape: impl Into<Shape>,
