@@ -7,66 +7,16 @@
 //! ```
 //!
 //! Peak: the most bytes the process held above what it held before the step (the logits
-//! themselves excluded, their gradient included), counted by a wrapper around the system
+//! themselves excluded, their gradient included), counted by `checkpoint_tests`' counting
 //! allocator. Time: the median over `--reps`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
-
-/// The system allocator, counting the bytes held and their peak.
-struct Counting;
-
-static HELD: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let now = HELD.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call forwards to `System` with the caller's arguments; the counters do not
-// touch the memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as is.
-        unsafe { System.dealloc(ptr, layout) };
-        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            HELD.fetch_sub(layout.size(), Ordering::Relaxed);
-            grew(new_size);
-        }
-        p
-    }
-}
+use checkpoint_tests::alloc::{self, CountingAlloc};
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: CountingAlloc = CountingAlloc;
 
 /// Today's composite: f32 copy, log-softmax, gather, weighted mean.
 fn composite(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
@@ -145,8 +95,8 @@ fn measure(loss: Loss, logits: &Var, targets: &[i64], reps: usize) -> Result<(us
     let mut peak = 0;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
-        let start = HELD.load(Ordering::Relaxed);
-        PEAK.store(start, Ordering::Relaxed);
+        let start = alloc::held();
+        alloc::reset_peak();
         let t0 = Instant::now();
         let value = loss(logits, targets)?;
         let grads = value.backward()?;
@@ -157,7 +107,7 @@ fn measure(loss: Loss, logits: &Var, targets: &[i64], reps: usize) -> Result<(us
         let _ = (value.to_scalar::<f32>()?, grad.dims());
         times.push(t0.elapsed().as_secs_f64());
         drop(grads);
-        peak = peak.max(PEAK.load(Ordering::Relaxed) - start);
+        peak = peak.max(alloc::peak() - start);
     }
     times.sort_by(f64::total_cmp);
     Ok((peak, times[times.len() / 2]))
