@@ -290,7 +290,10 @@ where
     S: BackendStorage,
     S::Device: BackendDevice<Storage = S>,
 {
-    let mut dst = src.device().zeros_impl(layout.shape(), src.dtype())?;
+    // No zero-fill: the copy below writes every element (an output per stack, per step).
+    // SAFETY: `copy_strided_src` writes all `layout.shape().elem_count()` elements of `dst`,
+    // from offset 0, before anything reads it; on error `dst` is dropped unread.
+    let mut dst = unsafe { src.device().alloc_uninit(layout.shape(), src.dtype())? };
     src.copy_strided_src(&mut dst, 0, layout)?;
     Ok(dst)
 }

@@ -60,11 +60,17 @@ impl Attention {
         let q = rope.apply(&heads(self.q_proj.forward(xs)?, nh)?)?; // (b, nh, t, d)
         let k = rope.apply(&heads(self.k_proj.forward(xs)?, nkv)?)?; // (b, nkv, t, d)
         let v = heads(self.v_proj.forward(xs)?, nkv)?; // (b, nkv, t, d)
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?); // (b, nh, t, d)
+        // Grouped-query attention without transformers' `repeat_kv` copies: query head
+        // `j * groups + g` reads key/value head `j`, so the queries of one key/value head are
+        // `groups` consecutive heads, and `(b, nh, t, d)` viewed as `(b, nkv, groups * t, d)`
+        // multiplies each key/value head once.
+        let groups = nh / nkv;
+        let (k, v) = (k.contiguous()?, v.contiguous()?); // matmul wants whole batches
+        let q = q.contiguous()?.reshape((b, nkv, groups * t, d))?; // (b, nkv, groups·t, d)
 
         #[allow(clippy::cast_precision_loss)]
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?; // (b, nh, t, t), unscaled
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?; // (b, nh, t, t), unscaled
         let causal;
         let mask = match mask {
             Some(m) => m,
@@ -75,22 +81,10 @@ impl Attention {
         };
         // softmax(scores · scale + mask) in f32, returned in the compute dtype.
         let probs = checkpoint_ops::masked_softmax(&scores, Some(mask), scale)?; // (b, nh, t, t)
-        let out = probs.matmul(&v)?; // (b, nh, t, d)
+        let probs = probs.reshape((b, nkv, groups * t, t))?; // (b, nkv, groups·t, t)
+        let out = probs.matmul(&v)?.reshape((b, nh, t, d))?; // (b, nh, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, nh * d))?; // (b, t, nh * d)
         self.o_proj.forward(&out) // (b, t, hidden)
-    }
-
-    /// `(b, nkv, t, d)` → `(b, nh, t, d)`: key/value head `j` serves query heads
-    /// `j * groups .. (j + 1) * groups`, as transformers' `repeat_kv`.
-    fn repeat_kv(&self, xs: Tensor) -> Result<Tensor> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return xs.contiguous();
-        }
-        let (b, nkv, t, d) = xs.dims4()?;
-        xs.unsqueeze(2)?
-            .expand((b, nkv, groups, t, d))? // (b, nkv, groups, t, d)
-            .reshape((b, nkv * groups, t, d))
     }
 }
 
