@@ -337,6 +337,18 @@ fn a_memory_budget_matches_the_plain_calls_bit_for_bit() -> Result<()> {
                 &format!("{mode} budget {budget}, run {run}"),
             )?;
         }
+        // The budget is tight enough that the plans checkpoint something.
+        let placements: Vec<_> = ckpt
+            .budget_plans()
+            .into_iter()
+            .flat_map(|p| p.placements)
+            .collect();
+        assert!(
+            placements
+                .iter()
+                .any(|p| *p != checkpoint_runtime::Placement::Graph),
+            "{mode} budget {budget}: {placements:?}"
+        );
     }
     Ok(())
 }
