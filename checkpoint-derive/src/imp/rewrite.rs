@@ -237,6 +237,15 @@ fn statement(stmt: &Stmt, site: Site<'_>) -> syn::Result<Stmt> {
                 init: Some(init), ..
             },
         ) => {
+            if matches!(strip_pat(&local.pat), Pat::Tuple(_)) {
+                return Err(syn::Error::new_spanned(
+                    &local.pat,
+                    "a marked `let` of a tuple (a layer with several carries or auxiliary \
+                     outputs) runs through the engine only as a loop: write `for layer in \
+                     std::iter::once(&layer) { let (P0, ..) = layer.forward(&xs, ..)?; xs = P0; \
+                     outputs.push(P1); }`",
+                ));
+            }
             let mut local = local.clone();
             let value = value(&init.expr, site)?;
             local.init = Some(LocalInit {
