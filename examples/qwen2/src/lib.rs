@@ -5,7 +5,7 @@
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
 //! back out), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
 //! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
-//! an eval split), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
+//! an eval split), [`threads`] (how candle's CPU thread pools share the cores), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
 //! times one full training step.
 //!
 //! ```no_run
@@ -39,6 +39,7 @@ pub mod model;
 pub mod nn;
 pub mod rope;
 pub mod save;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

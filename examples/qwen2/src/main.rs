@@ -167,6 +167,8 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    unsafe { qwen2::threads::limit_idle_spinning() };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => run_train(&args),
