@@ -488,3 +488,129 @@ fn merging_without_lora_is_refused() -> TestResult {
     assert!(err.contains("--merge") && err.contains("--lora-r"), "{err}");
     Ok(())
 }
+
+fn qwen2_train(args: &[&str]) -> std::io::Result<std::process::Output> {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qwen2"))
+        .arg("train")
+        .args(args)
+        .output()
+}
+
+/// `train --lora-r` saves an adapter that `--adapter` resumes from and `--merge` folds into a
+/// checkpoint that computes what base + adapter does.
+#[test]
+fn the_cli_trains_saves_resumes_and_merges_an_adapter() -> TestResult {
+    let dev = Device::Cpu;
+    let model = fixture();
+    let model = model.to_str().ok_or("fixture path is not UTF-8")?;
+    let out = TempDir::new("qwen2-lora-cli")?;
+    let adapter_dir = out.path().join("adapter");
+    let merged_dir = out.path().join("merged");
+    let (adapter_arg, merged_arg) = (
+        adapter_dir.to_str().ok_or("temp path is not UTF-8")?,
+        merged_dir.to_str().ok_or("temp path is not UTF-8")?,
+    );
+    let common = [
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--model",
+        model,
+    ];
+    let run = qwen2_train(
+        &[
+            &common[..],
+            &[
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--lora-targets",
+                "q_proj,v_proj",
+                "--save",
+                adapter_arg,
+            ],
+        ]
+        .concat(),
+    )?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("lora: r 4, alpha 8, on q_proj,v_proj; 2688 trainable"),
+        "{stderr}"
+    );
+    let trained = adapter::load(&adapter_dir)?;
+    assert_eq!(trained.config, q_v(4, 8.0, 0)?);
+    // Two steps moved B away from its zero start.
+    let b = trained
+        .tensors
+        .get("model.layers.0.self_attn.q_proj.lora_B.weight")
+        .ok_or("no lora_B saved")?;
+    assert!(b.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+
+    let run = qwen2_train(
+        &[
+            &common[..],
+            &["--adapter", adapter_arg, "--save", merged_arg, "--merge"],
+        ]
+        .concat(),
+    )?;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let resumed = adapter::load(&merged_dir.join("adapter"))?;
+    let plain = loader::load(&merged_dir, DType::F32, &dev)?;
+    let with = loader::load_lora(
+        &fixture(),
+        &resumed.config,
+        resumed.init(),
+        DType::F32,
+        &dev,
+    )?;
+    let ids = Tensor::new(&[[5u32, 17, 99, 3, 64, 2, 8, 120]], &dev)?;
+    let err = rel_err(
+        &plain.model.forward(&ids, None, None)?,
+        &with.model.forward(&ids, None, None)?,
+    )?;
+    assert!(
+        err <= OUTPUT_TOLERANCE,
+        "merged vs base + adapter: {err:.3e}"
+    );
+
+    // Clear errors, before anything is trained.
+    let adapter_fixture = fixture().join("adapter");
+    let adapter_fixture = adapter_fixture.to_str().ok_or("not UTF-8")?;
+    for (args, expected) in [
+        (&["--lora-r", "0"][..], "--lora-r 0"),
+        (
+            &["--lora-r", "4", "--lora-targets", "q_proj,qkv"][..],
+            "unknown LoRA target `qkv`",
+        ),
+        (
+            &["--adapter", adapter_fixture, "--lora-r", "8"][..],
+            "has r 4",
+        ),
+        (
+            &["--save", merged_arg, "--merge"][..],
+            "--merge folds a LoRA adapter",
+        ),
+        (&["--lora-targets", "q_proj"][..], "--lora-r"),
+    ] {
+        let run = qwen2_train(&[&common[..], args].concat())?;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success() && stderr.contains(expected),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("step "),
+            "{args:?} trained before failing: {stderr}"
+        );
+    }
+    Ok(())
+}
