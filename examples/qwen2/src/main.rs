@@ -39,7 +39,7 @@ struct Cli {
 enum Command {
     /// Train on a text or JSONL file (the bundled public-domain chapter by default), tokenized
     /// with the checkpoint's tokenizer (bytes for the random-init model).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Compare logits, loss and every gradient with a reference file; non-zero exit above
     /// tolerance.
     Verify(VerifyArgs),
