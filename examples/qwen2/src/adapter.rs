@@ -11,6 +11,23 @@
 //!
 //! `lora_dropout` is read as any unknown key is, and not applied: training here runs without
 //! dropout, and inference and merging never use it.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use candle_core::{DType, Device};
+//!
+//! # fn main() -> qwen2::Result<()> {
+//! let adapter = qwen2::adapter::load(Path::new("out/adapter"))?;
+//! let base = Path::new("Qwen2-0.5B-Instruct");
+//! let loaded =
+//!     qwen2::loader::load_lora(base, &adapter.config, adapter.init(), DType::F32, &Device::Cpu)?;
+//! // `loaded.params` holds only the lora_A/lora_B matrices: train them, then
+//! qwen2::adapter::save(Path::new("out/adapter-2"), &loaded, Some("Qwen2-0.5B-Instruct"))?;
+//! let merged = qwen2::adapter::merge(&loaded)?; // W + B·A·alpha/r
+//! qwen2::save::save(Path::new("out/merged"), &loaded.config, &merged)?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::fs;
