@@ -125,6 +125,8 @@ struct TrainArgs {
     eval_every: Option<usize>,
     #[command(flatten)]
     policy: PolicyArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     #[arg(long, default_value_t = 60)]
     steps: usize,
     /// Longest example, in tokens; batches are right-padded to their longest example.
@@ -156,8 +158,6 @@ struct TrainArgs {
     /// With --save: also save every N steps, so that a long run that stops keeps its progress.
     #[arg(long, value_name = "N", requires = "save")]
     save_every: Option<usize>,
-    #[command(flatten)]
-    lora: LoraArgs,
 }
 
 #[derive(Debug, Args)]
