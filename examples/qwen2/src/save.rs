@@ -47,7 +47,7 @@ pub fn save(dir: &Path, config: &Config, varmap: &VarMap) -> Result<()> {
 }
 
 /// Writes `path` through `write` into a temporary file next to it, then renames it into place.
-fn replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);
