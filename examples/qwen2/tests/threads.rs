@@ -10,7 +10,10 @@ fn the_spin_limit_is_set_once_and_a_users_value_wins() {
         std::env::remove_var(SPIN_LIMIT_VAR);
         limit_idle_spinning();
     }
-    assert_eq!(std::env::var(SPIN_LIMIT_VAR).ok(), Some(SPIN_LIMIT.to_string()));
+    assert_eq!(
+        std::env::var(SPIN_LIMIT_VAR).ok(),
+        Some(SPIN_LIMIT.to_string())
+    );
 
     // SAFETY: as above.
     unsafe {
