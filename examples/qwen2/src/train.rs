@@ -1,4 +1,4 @@
-//! The training loop: AdamW (candle-nn) with decoupled weight decay on matrices only, global-norm
+//! The training loop: AdamW (`checkpoint_ops`' in-place one, f32 masters for bf16/f16) with decoupled weight decay on matrices only, global-norm
 //! gradient clipping, linear warmup then cosine decay of the learning rate, gradients from the
 //! checkpointing engine, and a progress line with loss, tokens/s and memory.
 
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
+use checkpoint_ops::AdamW;
 use checkpoint_runtime::{Checkpointer, DiskConfig, GradientAudit, Mode, Policy, Stats};
 
 use crate::data::Dataset;
@@ -492,9 +493,14 @@ fn print_new_budget_plans(ckpt: &Checkpointer, progress: &Progress, printed: &mu
     }
 }
 
-/// AdamW (candle-nn) with decoupled weight decay on matrices only and global-norm gradient
-/// clipping, as one [`Optimizer`], so that one `ckpt.backward_step(&mut opt, &loss)` steps
-/// every parameter.
+/// AdamW ([`checkpoint_ops::AdamW`]: in place, f32 moments, f32 master copies of bf16/f16
+/// parameters) with decoupled weight decay on matrices only and global-norm gradient clipping,
+/// as one [`Optimizer`], so that one `ckpt.backward_step(&mut opt, &loss)` steps every
+/// parameter.
+///
+/// The clip is folded into the update: every gradient is multiplied by the clip factor in f32
+/// inside the step, so a half-precision gradient is not rounded a second time, and no scaled
+/// copy is made. Gradients may be f32 for any parameter (accumulated ones, say).
 #[derive(Debug)]
 pub struct ClippedAdamW {
     /// Matrices: decayed.
@@ -521,6 +527,41 @@ impl ClippedAdamW {
     pub fn last_norm(&self) -> f64 {
         self.last_norm
     }
+
+    /// Optimizer steps taken.
+    #[must_use]
+    pub fn step_count(&self) -> u32 {
+        self.decayed.step_count()
+    }
+
+    /// The AdamW state of `var` (see [`AdamW::state`]): f32 rows `[m, v]`, plus the f32 master
+    /// row of a half-precision parameter.
+    #[must_use]
+    pub fn state(&self, var: &Var) -> Option<&Tensor> {
+        self.decayed.state(var).or_else(|| self.plain.state(var))
+    }
+
+    /// The f32 master copy of `var` (flattened) if it is a half-precision parameter.
+    ///
+    /// # Errors
+    /// If candle cannot take the row.
+    pub fn master(&self, var: &Var) -> candle_core::Result<Option<Tensor>> {
+        match self.decayed.master(var)? {
+            Some(m) => Ok(Some(m)),
+            None => self.plain.master(var),
+        }
+    }
+
+    /// Continues from saved states (see [`AdamW::restore`]) after `step` steps.
+    ///
+    /// # Errors
+    /// A state of the wrong shape or dtype, or a variable not optimized here.
+    pub fn restore(&mut self, step: u32, states: Vec<(&Var, Tensor)>) -> candle_core::Result<()> {
+        let (matrices, vectors): (Vec<_>, Vec<_>) =
+            states.into_iter().partition(|(v, _)| v.rank() >= 2);
+        self.decayed.restore(step, matrices)?;
+        self.plain.restore(step, vectors)
+    }
 }
 
 impl Optimizer for ClippedAdamW {
@@ -543,15 +584,11 @@ impl Optimizer for ClippedAdamW {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        let mut clipped = GradStore::default();
-        for var in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                clipped.insert(var.as_tensor(), g.clone());
-            }
-        }
-        self.last_norm = clip_grad_norm(&mut clipped, &self.vars, self.clip)?;
-        self.decayed.step(&clipped)?;
-        self.plain.step(&clipped)
+        let norm = grad_norm(grads, &self.vars)?;
+        self.last_norm = norm;
+        let scale = clip_scale(norm, self.clip);
+        self.decayed.step_scaled(grads, scale)?;
+        self.plain.step_scaled(grads, scale)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -564,16 +601,11 @@ impl Optimizer for ClippedAdamW {
     }
 }
 
-/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`
-/// (`0`: no clipping). Returns the norm before clipping.
+/// The global L2 norm of the gradients of `vars` (in f32), 0 without any.
 ///
 /// # Errors
-/// If candle cannot compute the norm.
-pub fn clip_grad_norm(
-    grads: &mut GradStore,
-    vars: &[Var],
-    max_norm: f64,
-) -> candle_core::Result<f64> {
+/// If candle cannot compute it.
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
     let mut squares = Vec::with_capacity(vars.len());
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
@@ -583,9 +615,33 @@ pub fn clip_grad_norm(
     if squares.is_empty() {
         return Ok(0.0);
     }
-    let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt();
+    Ok(f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt())
+}
+
+/// The factor that brings a gradient of global norm `norm` within `max_norm` (`0`: no clipping).
+#[must_use]
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`
+/// (`0`: no clipping), in their own dtype. Returns the norm before clipping.
+/// [`ClippedAdamW`] folds the factor into its update instead.
+///
+/// # Errors
+/// If candle cannot compute the norm.
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    vars: &[Var],
+    max_norm: f64,
+) -> candle_core::Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
         for var in vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 grads.insert(var.as_tensor(), (g * scale)?);
