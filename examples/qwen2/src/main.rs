@@ -128,6 +128,10 @@ struct TrainArgs {
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Micro-batches of --batch rows per optimizer step (gradient accumulation): the step is
+    /// that of one batch of N·batch rows, with the memory of one micro-batch.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    accumulate: usize,
     /// Peak learning rate (linear warmup, then cosine decay to a tenth).
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
@@ -294,6 +298,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         clip: args.clip,
         weight_decay: args.weight_decay,
         eval_every: args.eval_every,
+        accumulate: args.accumulate,
         ..TrainConfig::default()
     };
     let ckpt = options.checkpointer()?;

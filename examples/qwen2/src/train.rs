@@ -198,6 +198,10 @@ pub struct TrainConfig {
     /// Evaluate on the data's held-out rows every N steps (and after the last step);
     /// `None`: after the last step only. Nothing without held-out rows.
     pub eval_every: Option<usize>,
+    /// Micro-batches of `batch` rows per optimizer step: their gradients are summed in f32,
+    /// each weighted by its share of the step's predicted tokens, so that the step is the step
+    /// of one batch of `accumulate · batch` rows (1: no accumulation).
+    pub accumulate: usize,
 }
 
 impl Default for TrainConfig {
@@ -211,6 +215,7 @@ impl Default for TrainConfig {
             clip: 1.0,
             weight_decay: 0.1,
             eval_every: None,
+            accumulate: 1,
         }
     }
 }
@@ -405,6 +410,11 @@ pub fn train(
             "--eval-every 0: evaluate every 1 or more steps".to_owned(),
         ));
     }
+    if cfg.accumulate == 0 {
+        return Err(Error::Data(
+            "--accumulate 0: a step takes the gradients of 1 or more micro-batches".to_owned(),
+        ));
+    }
     let mut opt = ClippedAdamW::new(
         params.iter().map(|(_, v)| v.clone()).collect(),
         ClippedAdamWConfig {
@@ -428,20 +438,14 @@ pub fn train(
     for step in 0..cfg.steps {
         let lr = cfg.lr_at(step);
         opt.set_learning_rate(lr);
-        let batch = data.sample(cfg.batch, device)?;
-        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(ckpt))?;
-        let loss = causal_lm_loss(&logits, &batch.labels)?;
-        drop(logits);
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(Error::Data(format!(
-                "step {step}: the loss is {value}; lower --lr (now {lr:.2e})"
-            )));
-        }
-        // One call: candle-nn's `opt.backward_step(&loss)` cannot see the checkpointed
-        // layers' gradients (and fails rather than skip them).
-        let grads = ckpt.backward_step(&mut opt, &loss)?;
-        drop(loss);
+        let (value, grads, step_tokens) = accumulated_grads(model, data, ckpt, cfg, device)
+            .map_err(|e| match e {
+                Error::Data(msg) if msg.starts_with("the loss is") => {
+                    Error::Data(format!("step {step}: {msg}; lower --lr (now {lr:.2e})"))
+                }
+                e => e,
+            })?;
+        opt.step(&grads)?;
         if step == 0 {
             let audit = GradientAudit::of_named(&grads, params.iter().map(|(n, v)| (n, v)))?;
             progress.clear_line();
@@ -449,7 +453,7 @@ pub fn train(
             audit.into_result()?;
         }
         drop(grads);
-        tokens += batch.tokens;
+        tokens += step_tokens;
         losses.push(value);
         stats.merge(&ckpt.take_stats());
         print_new_budget_plans(ckpt, &progress, &mut plans_printed);
@@ -478,6 +482,60 @@ pub fn train(
         stats,
         evals,
     })
+}
+
+/// The loss (mean per predicted token over the step's micro-batches) and gradients of one
+/// optimizer step: `cfg.accumulate` micro-batches of `cfg.batch` rows, each through `ckpt`,
+/// their gradients summed in f32 weighted by each micro-batch's share of the predicted tokens
+/// (one micro-batch: its gradients as they are). Also the non-padding tokens seen.
+fn accumulated_grads(
+    model: &Qwen2,
+    data: &mut Dataset,
+    ckpt: &Checkpointer,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<(f32, GradStore, usize)> {
+    let mut micro = Vec::with_capacity(cfg.accumulate);
+    let mut tokens = 0;
+    for _ in 0..cfg.accumulate {
+        let batch = data.sample(cfg.batch, device)?;
+        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(ckpt))?;
+        let loss = causal_lm_loss(&logits, &batch.labels)?;
+        drop(logits);
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::Data(format!("the loss is {value}")));
+        }
+        // One call: `loss.backward()` cannot see the checkpointed layers' gradients.
+        let grads = ckpt.backward(&loss)?;
+        tokens += batch.tokens;
+        micro.push((value, grads, batch.targets));
+    }
+    if micro.len() == 1
+        && let Some((value, grads, _)) = micro.pop()
+    {
+        return Ok((value, grads, tokens));
+    }
+    let targets: usize = micro.iter().map(|(_, _, t)| t).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let total = targets.max(1) as f64;
+    let (mut loss, mut sum) = (0.0f64, GradStore::default());
+    for (value, grads, t) in micro {
+        #[allow(clippy::cast_precision_loss)]
+        let weight = t as f64 / total;
+        loss += f64::from(value) * weight;
+        for id in grads.get_ids().copied().collect::<Vec<_>>() {
+            let Some(g) = grads.get_id(id) else { continue };
+            let g = (g.to_dtype(DType::F32)? * weight)?;
+            let g = match sum.get_id(id) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            sum.insert_id(id, g);
+        }
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    Ok((loss as f32, sum, tokens))
 }
 
 /// Prints the plans a budget policy made since the last call: one per stack length and batch
