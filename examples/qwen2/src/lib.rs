@@ -3,7 +3,7 @@
 //!
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
-//! back out), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
+//! back out), [`state`] (the optimizer and sampler, to resume a run), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
 //! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
 //! an eval split), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
 //! times one full training step.
@@ -37,8 +37,10 @@ pub mod loss;
 pub mod mlp;
 pub mod model;
 pub mod nn;
+pub mod plot;
 pub mod rope;
 pub mod save;
+pub mod state;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

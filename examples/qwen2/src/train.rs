@@ -16,6 +16,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::loss::causal_lm_loss;
 use crate::model::Qwen2;
+use crate::state;
 
 /// How the layers are checkpointed: the CLI's `--checkpoint` and policy options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,6 +406,61 @@ pub fn train(
     device: &Device,
     mut after_step: impl FnMut(usize) -> Result<()>,
 ) -> Result<Summary> {
+    train_resumable(model, params, data, ckpt, cfg, device, None, |view| {
+        after_step(view.done)
+    })
+}
+
+/// What [`train_resumable`] shows its callback after each optimizer step: enough to save the
+/// model and its training state.
+#[derive(Debug)]
+pub struct StepView<'a> {
+    /// Steps done, counting those before a resume.
+    pub done: usize,
+    /// The optimizer (its AdamW state).
+    pub opt: &'a ClippedAdamW,
+    /// The data (its sampler's position).
+    pub data: &'a Dataset,
+    /// The loss of every step done, counting those before a resume.
+    pub losses: &'a [f32],
+    /// `(step, loss)` of every evaluation done, counting those before a resume.
+    pub evals: &'a [(usize, f64)],
+}
+
+impl StepView<'_> {
+    /// The training state to save now, with the run's `args` and `seed` (see
+    /// [`crate::state`]).
+    #[must_use]
+    pub fn meta(&self, seed: u64, args: std::collections::BTreeMap<String, String>) -> state::Meta {
+        state::Meta {
+            step: self.done,
+            data_position: self.data.sampler_state(),
+            seed,
+            losses: self.losses.to_vec(),
+            evals: self.evals.to_vec(),
+            args,
+        }
+    }
+}
+
+/// [`train`], continuing from a saved training state when `resume` is given (its weights,
+/// AdamW state, sampler position and step: the run goes on as if never stopped), and showing
+/// `after_step` a [`StepView`]. The summary's losses and evaluations are this call's steps.
+///
+/// # Errors
+/// As [`train`]; also a training state that does not fit the model (see
+/// [`state::Saved::apply`]) or that is past `cfg.steps`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_resumable(
+    model: &Qwen2,
+    params: &[(String, Var)],
+    data: &mut Dataset,
+    ckpt: &Checkpointer,
+    cfg: &TrainConfig,
+    device: &Device,
+    resume: Option<&state::Saved>,
+    mut after_step: impl FnMut(&StepView<'_>) -> Result<()>,
+) -> Result<Summary> {
     if cfg.eval_every == Some(0) {
         return Err(Error::Data(
             "--eval-every 0: evaluate every 1 or more steps".to_owned(),
@@ -426,6 +482,24 @@ pub fn train(
             clip: cfg.clip,
         },
     )?;
+    let (first, mut all_losses, mut all_evals) = match resume {
+        Some(saved) => {
+            if saved.meta.step > cfg.steps {
+                return Err(Error::Data(format!(
+                    "--resume: the saved run is at step {}, past --steps {}; give the saved \
+                     run's --steps",
+                    saved.meta.step, cfg.steps
+                )));
+            }
+            saved.apply(params, &mut opt, data)?;
+            (
+                saved.meta.step,
+                saved.meta.losses.clone(),
+                saved.meta.evals.clone(),
+            )
+        }
+        None => (0, Vec::new(), Vec::new()),
+    };
     let mut progress = Progress::new(cfg.steps);
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut tokens = 0;
@@ -435,7 +509,7 @@ pub fn train(
     let mut peak_gpu = None;
     let mut plans_printed = Vec::new();
     let mut evals = Vec::new();
-    for step in 0..cfg.steps {
+    for step in first..cfg.steps {
         let lr = cfg.lr_at(step);
         opt.set_learning_rate(lr);
         let (value, grads, step_tokens) = accumulated_grads(model, data, ckpt, cfg, device)
@@ -446,7 +520,7 @@ pub fn train(
                 e => e,
             })?;
         opt.step(&grads)?;
-        if step == 0 {
+        if step == first {
             let audit = GradientAudit::of_named(&grads, params.iter().map(|(n, v)| (n, v)))?;
             progress.clear_line();
             eprintln!("{audit} (mode {})", ckpt.mode());
@@ -455,6 +529,7 @@ pub fn train(
         drop(grads);
         tokens += step_tokens;
         losses.push(value);
+        all_losses.push(value);
         stats.merge(&ckpt.take_stats());
         print_new_budget_plans(ckpt, &progress, &mut plans_printed);
         let gpu = gpu_used_bytes(device);
@@ -468,8 +543,15 @@ pub fn train(
             progress.clear_line();
             eprintln!("{eval}");
             evals.push(eval);
+            all_evals.push((eval.step, eval.loss));
         }
-        after_step(done)?;
+        after_step(&StepView {
+            done,
+            opt: &opt,
+            data,
+            losses: &all_losses,
+            evals: &all_evals,
+        })?;
     }
     drop(progress);
     Ok(Summary {
