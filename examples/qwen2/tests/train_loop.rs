@@ -281,11 +281,26 @@ fn the_cli_saves_in_the_checkpoints_dtype_with_its_tokenizer_and_a_loss_curve() 
         "not an SVG: {}",
         &svg[..svg.len().min(80)]
     );
-    // Two curves (train over 3 steps, eval at step 3) with their legend.
-    assert!(svg.matches("<polyline").count() >= 2, "no curve in {svg}");
+    // The train curve (blue) through the 3 steps' losses, the eval one (red), and the legend.
+    let curve_points = |stroke: &str| {
+        svg.lines()
+            .filter(|l| l.starts_with("<polyline") && l.contains(stroke))
+            .filter_map(|l| l.split("points=\"").nth(1)?.split('"').next())
+            .map(|points| points.split_whitespace().count())
+            .max()
+    };
+    assert_eq!(
+        curve_points("stroke=\"#0000FF\""),
+        Some(3),
+        "no train curve in {svg}"
+    );
     assert!(
-        svg.contains(">train<") && svg.contains(">eval<"),
-        "no legend"
+        curve_points("stroke=\"#FF0000\"").is_some(),
+        "no eval curve in {svg}"
+    );
+    assert!(
+        svg.contains("\ntrain\n") && svg.contains("\neval\n"),
+        "no legend in {svg}"
     );
 
     let out = cli(&["--resume", &out_arg, "--lr", "1e-4"])?;
