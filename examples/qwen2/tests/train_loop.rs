@@ -309,3 +309,9 @@ fn the_cli_saves_in_the_checkpoints_dtype_with_its_tokenizer_and_a_loss_curve() 
     assert!(stderr.contains("--lr: saved 0.003, now 0.0001"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn accumulate_zero_is_refused() {
+    let err = run(&run_cfg(1, 2, 0)).expect_err("--accumulate 0");
+    assert!(err.to_string().contains("--accumulate 0"), "{err}");
+}
