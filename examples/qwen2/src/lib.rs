@@ -4,7 +4,8 @@
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
 //! back out), [`lora`] and [`adapter`] (LoRA updates on a frozen base, PEFT adapter
-//! directories), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
+//! directories), [`state`] (the optimizer and sampler, to resume a run), [`tokenizer`] (the
+//! checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
 //! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
 //! an eval split), [`threads`] (how candle's CPU thread pools share the cores), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
 //! times one full training step.
@@ -40,8 +41,10 @@ pub mod loss;
 pub mod mlp;
 pub mod model;
 pub mod nn;
+pub mod plot;
 pub mod rope;
 pub mod save;
+pub mod state;
 pub mod threads;
 pub mod tokenizer;
 pub mod train;

@@ -1,6 +1,7 @@
 //! Hugging Face checkpoints in, trainable variables out.
 //!
 //! Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`),
+//! memory-mapped,
 //! converts f32, bf16 or f16 tensors into the training dtype on the chosen device, and makes
 //! every parameter a [`Var`] kept in a [`VarMap`] under its Hugging Face name, so that an
 //! optimizer can update it. The model's constructors are the only list of parameters: the loader
@@ -43,6 +44,10 @@ pub struct Loaded {
     pub lora: Option<LoraConfig>,
     /// Tensors in the files that the model did not use (e.g. `lm_head.weight` of a tied model).
     pub unused: Vec<String>,
+    /// The dtype of the checkpoint's floating-point weights (the first float tensor's, by
+    /// name); `None` for a random initialisation. A model trained in another dtype is saved
+    /// back in this one.
+    pub file_dtype: Option<DType>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -173,9 +178,18 @@ fn build(
         tied: config.tie_word_embeddings,
     };
     let varmap = backend.varmap.clone();
-    let file_names: Vec<String> = match &backend.source {
-        Source::Files { tensors, .. } => tensors.keys().cloned().collect(),
-        Source::Random { .. } => Vec::new(),
+    let (file_names, file_dtype): (Vec<String>, Option<DType>) = match &backend.source {
+        Source::Files { tensors, .. } => {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            let dtype = names
+                .iter()
+                .filter_map(|n| tensors.get(*n))
+                .map(Tensor::dtype)
+                .find(|d| d.is_float());
+            (tensors.keys().cloned().collect(), dtype)
+        }
+        Source::Random { .. } => (Vec::new(), None),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let built = Qwen2::with_lora(&config, lora_config.as_ref(), &vb);
@@ -204,6 +218,7 @@ fn build(
         params: state.params,
         lora: lora_config,
         unused,
+        file_dtype,
     })
 }
 
@@ -265,12 +280,28 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         ));
     }
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+    let unreadable = |e: candle_core::Error| {
         Error::Data(format!(
             "{}: not a readable safetensors file: {e}",
             path.display()
         ))
-    })
+    };
+    // SAFETY: the file is mapped read-only and only read while `file` lives (each tensor is
+    // copied out of the mapping below); the mapping's contents are undefined only if another
+    // process truncates or rewrites the checkpoint during these reads, which the CLI documents
+    // as unsupported (`save` never rewrites in place: it renames a new file over the old one,
+    // which leaves this mapping on the old inode).
+    let file =
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(unreadable)?;
+    // Copied out one tensor at a time: the peak is the tensors, not the file read into memory
+    // beside them (as `safetensors::load` does).
+    file.tensors()
+        .into_iter()
+        .map(|(name, _)| {
+            let t = file.load(&name, &Device::Cpu).map_err(unreadable)?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 enum Source {

@@ -7,11 +7,13 @@
 //! qwen2 train --checkpoint offload-disk --offload-dir DIR --prefetch 2 --keep-last 1
 //! qwen2 train --checkpoint offload-disk --budget-mib 1   # per-layer plan, printed per shape
 //! qwen2 train --save DIR                        # then: qwen2 train --model DIR --bytes
+//! qwen2 train --steps 40 --save DIR --save-every 10   # stopped? the same args + --resume DIR
 //! qwen2 train --model DIR --lora-r 16 --lora-alpha 32 --lora-targets q_proj,v_proj --save OUT
 //! qwen2 train --model DIR --adapter OUT --save OUT2 --merge   # OUT2: merged, OUT2/adapter
 //! qwen2 verify --model DIR --reference FILE [--checkpoint MODE]
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -25,7 +27,7 @@ use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
 use qwen2::loader::{Loaded, LoraInit};
 use qwen2::lora::{LoraConfig, Target};
 use qwen2::tokenizer::Tokenizer;
-use qwen2::train::{CheckpointOptions, TrainConfig};
+use qwen2::train::{CheckpointOptions, StepView, TrainConfig};
 use qwen2::{Config, Error, Result, loader};
 
 #[derive(Debug, Parser)]
@@ -134,6 +136,10 @@ struct TrainArgs {
     seq_len: usize,
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Micro-batches of --batch rows per optimizer step (gradient accumulation): the step is
+    /// that of one batch of N·batch rows, with the memory of one micro-batch.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    accumulate: usize,
     /// Peak learning rate (linear warmup, then cosine decay to a tenth).
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
@@ -151,13 +157,49 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1234)]
     seed: u64,
     /// Write the trained model here as a Hugging Face checkpoint (config.json,
-    /// model.safetensors), loadable with --model. Weights only: a run from it starts AdamW and
-    /// the schedule afresh. The directory is checked before training starts.
+    /// model.safetensors in the --model checkpoint's dtype, its tokenizer files), loadable with
+    /// --model; beside it the training state (training_state.safetensors and .json: AdamW
+    /// moments and masters, step, data position) for --resume, and the loss curve loss.svg.
+    /// The directory is checked before training starts.
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
     /// With --save: also save every N steps, so that a long run that stops keeps its progress.
     #[arg(long, value_name = "N", requires = "save")]
     save_every: Option<usize>,
+    /// Continue the run saved in DIR by --save (its weights, AdamW state, step and data
+    /// position) to --steps; give the saved run's other arguments again.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The arguments that shape a run's numbers: a resumed run must repeat them.
+    fn shaping(&self, dtype: DType) -> BTreeMap<String, String> {
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string())
+        };
+        [
+            ("--model", path(&self.model)),
+            ("--bytes", self.bytes.to_string()),
+            ("--data", path(&self.data)),
+            ("--pack", self.pack.to_string()),
+            ("--eval-fraction", self.eval_fraction.to_string()),
+            ("--seq-len", self.seq_len.to_string()),
+            ("--steps", self.steps.to_string()),
+            ("--batch", self.batch.to_string()),
+            ("--accumulate", self.accumulate.to_string()),
+            ("--lr", self.lr.to_string()),
+            ("--warmup", self.warmup.to_string()),
+            ("--clip", self.clip.to_string()),
+            ("--weight-decay", self.weight_decay.to_string()),
+            ("--dtype", format!("{dtype:?}")),
+            ("--seed", self.seed.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -330,6 +372,21 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     }
     let device = device()?;
     let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    let shaping = args.shaping(dtype);
+    let resume = match &args.resume {
+        Some(dir) => {
+            let saved = qwen2::state::load(dir)?;
+            saved.check_args(dir, &shaping)?;
+            eprintln!(
+                "resuming {} at step {} of {}",
+                dir.display(),
+                saved.meta.step,
+                args.steps
+            );
+            Some(saved)
+        }
+        None => None,
+    };
     // The tokenizer before the weights: a checkpoint without one fails at once.
     let (tokenizer, template) = match &args.model {
         Some(dir) if !args.bytes => (Tokenizer::from_dir(dir)?, ChatTemplate::from_dir(dir)?),
@@ -433,29 +490,45 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         clip: args.clip,
         weight_decay: args.weight_decay,
         eval_every: args.eval_every,
+        accumulate: args.accumulate,
         ..TrainConfig::default()
     };
     let ckpt = options.checkpointer()?;
     let started = Instant::now();
-    let save_now = |done: usize| match (&args.save, args.save_every) {
-        (Some(dir), Some(every)) if done.is_multiple_of(every) && done < args.steps => {
-            save_model(dir, &loaded, args)
+    let save_now = |view: &StepView<'_>| {
+        let Some(dir) = &args.save else {
+            return Ok(());
+        };
+        let last = view.done == args.steps;
+        if !last && !args.save_every.is_some_and(|n| view.done.is_multiple_of(n)) {
+            return Ok(());
         }
-        _ => Ok(()),
+        save_model(dir, &loaded, args)?;
+        if let Some(model_dir) = &args.model
+            && !tokenizer.is_bytes()
+        {
+            qwen2::save::copy_tokenizer(model_dir, dir)?;
+        }
+        let meta = view.meta(args.seed, shaping.clone());
+        qwen2::state::save(dir, &meta, view.opt, &loaded.params)?;
+        if last {
+            qwen2::plot::loss_curve(&dir.join(qwen2::plot::FILE), view.losses, view.evals)?;
+        }
+        Ok(())
     };
-    let summary = qwen2::train::train(
+    let summary = qwen2::train::train_resumable(
         &loaded.model,
         &loaded.params,
         &mut data,
         &ckpt,
         &train_cfg,
         &device,
+        resume.as_ref(),
         save_now,
     )?;
     println!("{summary}");
     println!("wall time {:.1} s", started.elapsed().as_secs_f64());
     if let Some(dir) = &args.save {
-        save_model(dir, &loaded, args)?;
         if loaded.lora.is_none() || args.lora.merge {
             println!(
                 "saved {} to {}",
@@ -470,6 +543,13 @@ fn run_train(args: &TrainArgs) -> Result<()> {
                 adapter_dir(dir, args).display()
             );
         }
+        println!(
+            "saved the training state ({} and {}) and the loss curve ({}) to {}",
+            qwen2::state::TENSORS,
+            qwen2::state::META,
+            qwen2::plot::FILE,
+            dir.display(),
+        );
         if tokenizer.is_bytes() {
             // No tokenizer.json is saved: the ids are bytes, and `--model` needs to be told.
             println!(
@@ -491,15 +571,16 @@ fn adapter_dir(dir: &std::path::Path, args: &TrainArgs) -> PathBuf {
 }
 
 /// `--save DIR`: the whole model; with LoRA the adapter, and with --merge also base + adapter.
+/// Weights are saved in the dtype of the checkpoint the run started from.
 fn save_model(dir: &std::path::Path, loaded: &Loaded, args: &TrainArgs) -> Result<()> {
     if loaded.lora.is_none() {
-        return qwen2::save::save(dir, &loaded.config, &loaded.varmap);
+        return qwen2::save::save_as(dir, &loaded.config, &loaded.varmap, loaded.file_dtype);
     }
     let base = args.model.as_ref().map(|d| d.display().to_string());
     qwen2::adapter::save(&adapter_dir(dir, args), loaded, base.as_deref())?;
     if args.lora.merge {
         let merged = qwen2::adapter::merge(loaded)?;
-        qwen2::save::save(dir, &loaded.config, &merged)?;
+        qwen2::save::save_as(dir, &loaded.config, &merged, loaded.file_dtype)?;
     }
     Ok(())
 }
