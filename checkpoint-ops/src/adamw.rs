@@ -68,6 +68,126 @@ impl AdamW {
         }
         Ok(None)
     }
+
+    /// Steps taken (the bias corrections' exponent).
+    #[must_use]
+    pub fn step_count(&self) -> u32 {
+        self.step
+    }
+
+    /// The optimizer's state of `var`: an f32 `(2, n)` tensor of rows `[m, v]`, or `(3, n)`
+    /// `[m, v, master]` for a parameter that is not f32; `None` if `var` is not optimized here.
+    /// With [`step_count`](Self::step_count), what [`restore`](Self::restore) needs to continue
+    /// a run exactly.
+    #[must_use]
+    pub fn state(&self, var: &Var) -> Option<&Tensor> {
+        self.vars
+            .iter()
+            .find(|slot| slot.var.as_tensor().id() == var.as_tensor().id())
+            .map(|slot| &slot.state)
+    }
+
+    /// Continues from a saved state: the step count, and for each variable its
+    /// [`state`](Self::state) (the master row, if any, is rounded into the variable).
+    ///
+    /// # Errors
+    /// If a variable is not optimized here, or its state has the wrong dtype or shape.
+    pub fn restore<'a>(
+        &mut self,
+        step: u32,
+        states: impl IntoIterator<Item = (&'a Var, Tensor)>,
+    ) -> Result<()> {
+        for (var, state) in states {
+            let Some(slot) = self
+                .vars
+                .iter_mut()
+                .find(|slot| slot.var.as_tensor().id() == var.as_tensor().id())
+            else {
+                bail!(
+                    "{OP}: restore: a variable {:?} is not optimized here",
+                    var.dims()
+                )
+            };
+            if state.dtype() != DType::F32 || state.dims() != slot.state.dims() {
+                bail!(
+                    "{OP}: restore: a state of {:?} {:?} for a variable {:?} {:?}; expected F32 \
+                     {:?} (rows m, v and a master row for a half-precision variable)",
+                    state.dtype(),
+                    state.dims(),
+                    var.dtype(),
+                    var.dims(),
+                    slot.state.dims()
+                )
+            }
+            let state = state.to_device(slot.var.device())?.contiguous()?.copy()?;
+            if state.dim(0)? == 3 {
+                let master = state.get(2)?.reshape(var.shape())?;
+                slot.var.set(&master.to_dtype(var.dtype())?)?;
+            }
+            slot.state = state;
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// [`step`](Optimizer::step) with every gradient multiplied by `scale` first, in f32 inside
+    /// the update (global-norm clipping without rounding scaled half-precision gradients, and
+    /// without a scaled copy of them).
+    ///
+    /// # Errors
+    /// As [`step`](Optimizer::step); also for a `scale` that is not finite.
+    pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<()> {
+        if !scale.is_finite() {
+            bail!("{OP}: the gradient scale is {scale}; it must be finite")
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        self.update(grads, scale as f32)
+    }
+
+    fn update(&mut self, grads: &GradStore, grad_scale: f32) -> Result<()> {
+        self.step = self.step.saturating_add(1);
+        let p = &self.params;
+        let step = i32::try_from(self.step).unwrap_or(i32::MAX);
+        #[allow(clippy::cast_possible_truncation)]
+        let update = Update {
+            grad_scale,
+            beta1: p.beta1 as f32,
+            one_minus_beta1: (1.0 - p.beta1) as f32,
+            beta2: p.beta2 as f32,
+            one_minus_beta2: (1.0 - p.beta2) as f32,
+            scale_m: (1.0 / (1.0 - p.beta1.powi(step))) as f32,
+            scale_v: (1.0 / (1.0 - p.beta2.powi(step))) as f32,
+            decay: (1.0 - p.lr * p.weight_decay) as f32,
+            lr: p.lr as f32,
+            eps: p.eps as f32,
+        };
+        for slot in &mut self.vars {
+            let Some(grad) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            check_float(OP, "gradient", grad)?;
+            let dtype_ok = grad.dtype() == slot.var.dtype() || grad.dtype() == DType::F32;
+            if grad.shape() != slot.var.shape() || !dtype_ok {
+                bail!(
+                    "{OP}: a gradient is {:?} {:?} but its variable {:?} {:?}; pass the \
+                     GradStore of a backward through these variables (f32 gradients, say \
+                     accumulated ones, are taken for any variable)",
+                    grad.dtype(),
+                    grad.dims(),
+                    slot.var.dtype(),
+                    slot.var.dims()
+                )
+            }
+            let grad = grad.contiguous()?;
+            if slot.var.device().is_cpu() {
+                slot.state.inplace_op2(&grad, &Moments(update))?;
+                slot.var.inplace_op2(&slot.state, &Apply(update))?;
+            } else {
+                slot.state = composite(&slot.var, &slot.state, &grad, update)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Optimizer for AdamW {
@@ -105,47 +225,10 @@ impl Optimizer for AdamW {
     /// values and moments, as in candle-nn).
     ///
     /// # Errors
-    /// If a gradient's shape or dtype differs from its variable's.
+    /// If a gradient's shape differs from its variable's, or its dtype is neither the
+    /// variable's nor f32.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step = self.step.saturating_add(1);
-        let p = &self.params;
-        let step = i32::try_from(self.step).unwrap_or(i32::MAX);
-        #[allow(clippy::cast_possible_truncation)]
-        let update = Update {
-            beta1: p.beta1 as f32,
-            one_minus_beta1: (1.0 - p.beta1) as f32,
-            beta2: p.beta2 as f32,
-            one_minus_beta2: (1.0 - p.beta2) as f32,
-            scale_m: (1.0 / (1.0 - p.beta1.powi(step))) as f32,
-            scale_v: (1.0 / (1.0 - p.beta2.powi(step))) as f32,
-            decay: (1.0 - p.lr * p.weight_decay) as f32,
-            lr: p.lr as f32,
-            eps: p.eps as f32,
-        };
-        for slot in &mut self.vars {
-            let Some(grad) = grads.get(slot.var.as_tensor()) else {
-                continue;
-            };
-            check_float(OP, "gradient", grad)?;
-            if grad.shape() != slot.var.shape() || grad.dtype() != slot.var.dtype() {
-                bail!(
-                    "{OP}: a gradient is {:?} {:?} but its variable {:?} {:?}; pass the \
-                     GradStore of a backward through these variables",
-                    grad.dtype(),
-                    grad.dims(),
-                    slot.var.dtype(),
-                    slot.var.dims()
-                )
-            }
-            let grad = grad.contiguous()?;
-            if slot.var.device().is_cpu() {
-                slot.state.inplace_op2(&grad, &Moments(update))?;
-                slot.var.inplace_op2(&slot.state, &Apply(update))?;
-            } else {
-                slot.state = composite(&slot.var, &slot.state, &grad, update)?;
-            }
-        }
-        Ok(())
+        self.update(grads, 1.0)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -183,6 +266,8 @@ fn check_params(p: &ParamsAdamW) -> Result<()> {
 /// The step's constants, in f32, as candle-nn's `AdamW` rounds them.
 #[derive(Debug, Clone, Copy)]
 struct Update {
+    /// Multiplies every gradient (1: none).
+    grad_scale: f32,
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
@@ -229,7 +314,7 @@ impl InplaceOp2 for Moments {
             let g = slice::<T>(OP, gs, gl)?;
             let moments = |m: &mut [f32], v: &mut [f32], g: &[T], master: Option<&mut [f32]>| {
                 for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    let g = g.to_f32();
+                    let g = g.to_f32() * u.grad_scale;
                     *m = *m * u.beta1 + g * u.one_minus_beta1;
                     *v = *v * u.beta2 + g * g * u.one_minus_beta2;
                 }
@@ -304,7 +389,7 @@ impl InplaceOp2 for Apply {
 
 /// The same update with candle ops (devices without a kernel here); returns the new state.
 fn composite(var: &Var, state: &Tensor, grad: &Tensor, u: Update) -> Result<Tensor> {
-    let g = grad.flatten_all()?.to_dtype(DType::F32)?;
+    let g = (grad.flatten_all()?.to_dtype(DType::F32)? * f64::from(u.grad_scale))?;
     let m = ((state.get(0)? * f64::from(u.beta1))? + (&g * f64::from(u.one_minus_beta1))?)?;
     let v = ((state.get(1)? * f64::from(u.beta2))? + (g.sqr()? * f64::from(u.one_minus_beta2))?)?;
     let theta = if state.dim(0)? == 3 {

@@ -2,6 +2,7 @@
 //! finite differences where the composite could share a mistake, for determinism (twice, and on
 //! one thread against three: bit-equal), and for its errors.
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use checkpoint_ops::{AdamW, cross_entropy, masked_softmax, rms_norm, rope, silu_mul};
@@ -541,5 +542,92 @@ fn adamw_refuses_bad_hyper_parameters() -> TestResult {
              weight decay 0.01); need lr >= 0, betas in [0, 1), eps > 0, weight decay >= 0"
         )
     );
+    Ok(())
+}
+
+/// The gradients of `w` for the loss [`train`] uses, and those gradients in f32.
+fn grads_of(w: &Var) -> Result<(GradStore, GradStore)> {
+    let target = seeded(w.dims(), 24)?.to_dtype(w.dtype())?;
+    let loss = ((w.as_tensor() - &target)?.sqr()?.sum_all()? + w.as_tensor().sum_all()?)?;
+    let grads = loss.backward()?;
+    let mut f32_grads = GradStore::default();
+    if let Some(g) = grads.get(w.as_tensor()) {
+        f32_grads.insert(w.as_tensor(), g.to_dtype(DType::F32)?);
+    }
+    Ok((grads, f32_grads))
+}
+
+#[test]
+fn adamw_step_scaled_is_the_step_on_scaled_f32_gradients() -> TestResult {
+    let scale = 0.37;
+    let (a, b) = (var(&[7, 300], 25, 1.0)?, var(&[7, 300], 25, 1.0)?);
+    let (mut opt_a, mut opt_b) = (
+        AdamW::new(vec![a.clone()], adam_params())?,
+        AdamW::new(vec![b.clone()], adam_params())?,
+    );
+    for _ in 0..3 {
+        let (grads, _) = grads_of(&a)?;
+        opt_a.step_scaled(&grads, scale)?;
+        let (grads, _) = grads_of(&b)?;
+        let mut scaled = GradStore::default();
+        let g = grads.get(b.as_tensor()).ok_or("no gradient")?;
+        #[allow(clippy::cast_possible_truncation)]
+        scaled.insert(b.as_tensor(), (g * f64::from(scale as f32))?);
+        opt_b.step(&scaled)?;
+    }
+    assert_eq!(bits(&[flat(&a)?]), bits(&[flat(&b)?]));
+    // Scaling changes the step: the moments see the scaled gradients.
+    let c = var(&[7, 300], 25, 1.0)?;
+    let mut opt_c = AdamW::new(vec![c.clone()], adam_params())?;
+    for _ in 0..3 {
+        opt_c.step(&grads_of(&c)?.0)?;
+    }
+    assert_ne!(bits(&[flat(&a)?]), bits(&[flat(&c)?]));
+    assert!(opt_a.step_scaled(&grads_of(&a)?.0, f64::NAN).is_err());
+    Ok(())
+}
+
+#[test]
+fn adamw_takes_f32_gradients_for_bf16_parameters() -> TestResult {
+    let base = seeded(&[64], 26)?.to_dtype(DType::BF16)?;
+    let (a, b) = (Var::from_tensor(&base)?, Var::from_tensor(&base)?);
+    let (mut opt_a, mut opt_b) = (
+        AdamW::new(vec![a.clone()], adam_params())?,
+        AdamW::new(vec![b.clone()], adam_params())?,
+    );
+    opt_a.step(&grads_of(&a)?.0)?;
+    opt_b.step(&grads_of(&b)?.1)?;
+    assert_eq!(bits(&[flat(&a)?]), bits(&[flat(&b)?]));
+    Ok(())
+}
+
+#[test]
+fn adamw_restored_from_its_state_continues_exactly() -> TestResult {
+    for dtype in [DType::F32, DType::BF16] {
+        let base = seeded(&[5, 40], 27)?.to_dtype(dtype)?;
+        let a = Var::from_tensor(&base)?;
+        let mut opt_a = AdamW::new(vec![a.clone()], adam_params())?;
+        opt_a.step(&grads_of(&a)?.0)?;
+        let saved_state = opt_a.state(&a).ok_or("no state")?.copy()?;
+        let saved_value = a.as_tensor().copy()?;
+        let step = opt_a.step_count();
+        opt_a.step(&grads_of(&a)?.0)?;
+
+        // Another start, then the saved state: the same second step.
+        let b = Var::from_tensor(&base.zeros_like()?)?;
+        let mut opt_b = AdamW::new(vec![b.clone()], adam_params())?;
+        b.set(&saved_value)?;
+        opt_b.restore(step, [(&b, saved_state.clone())])?;
+        assert_eq!(opt_b.step_count(), 1);
+        opt_b.step(&grads_of(&b)?.0)?;
+        assert_eq!(bits(&[flat(&a)?]), bits(&[flat(&b)?]), "{dtype:?}");
+
+        let wrong = Tensor::zeros((1, 200), DType::F32, &DEV)?;
+        let err = opt_b.restore(step, [(&b, wrong)]).err();
+        assert!(
+            message(err).is_some_and(|m| m.contains("restore")),
+            "{dtype:?}"
+        );
+    }
     Ok(())
 }

@@ -146,6 +146,9 @@ struct Floor {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: the first statement of `main`: no other thread exists yet. Child processes
+    // inherit the setting through the environment.
+    unsafe { qwen2::threads::limit_idle_spinning() };
     let args = Args::parse();
     let result = if args.child {
         child(&args).map(|row| match serde_json::to_string(&row) {

@@ -7,19 +7,19 @@
 //! recomputation must not mutate the layer.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::Config;
-use crate::nn::linear;
+use crate::lora::{LoraConfig, LoraLinear, Target};
 use crate::rope::Rope;
 
 /// Qwen2Attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -31,6 +31,17 @@ impl Attention {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        Self::with_lora(cfg, None, vb)
+    }
+
+    /// [`Attention::new`], with LoRA updates on the projections `lora` targets.
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn with_lora(cfg: &Config, lora: Option<&LoraConfig>, vb: &VarBuilder<'_>) -> Result<Self> {
+        let proj = |i, o, bias, target: Target| {
+            LoraLinear::new(i, o, bias, target, cfg, lora, &vb.pp(target.name()))
+        };
         let h = cfg.hidden_size;
         let (nh, nkv, d) = (
             cfg.num_attention_heads,
@@ -38,10 +49,10 @@ impl Attention {
             cfg.head_dim,
         );
         Ok(Self {
-            q_proj: linear(h, nh * d, true, cfg, &vb.pp("q_proj"))?,
-            k_proj: linear(h, nkv * d, true, cfg, &vb.pp("k_proj"))?,
-            v_proj: linear(h, nkv * d, true, cfg, &vb.pp("v_proj"))?,
-            o_proj: linear(nh * d, h, false, cfg, &vb.pp("o_proj"))?,
+            q_proj: proj(h, nh * d, true, Target::QProj)?,
+            k_proj: proj(h, nkv * d, true, Target::KProj)?,
+            v_proj: proj(h, nkv * d, true, Target::VProj)?,
+            o_proj: proj(nh * d, h, false, Target::OProj)?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,

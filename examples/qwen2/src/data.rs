@@ -395,6 +395,20 @@ impl Dataset {
         self.dropped
     }
 
+    /// The sampler's position: what [`set_sampler_state`](Self::set_sampler_state) takes to
+    /// draw the same batches from here on (saved with a training state).
+    #[must_use]
+    pub fn sampler_state(&self) -> u64 {
+        self.rng
+    }
+
+    /// Continues sampling from a position [`sampler_state`](Self::sampler_state) returned.
+    pub fn set_sampler_state(&mut self, state: u64) {
+        // xorshift never leaves a non-zero state; a zero one (not from `sampler_state`) would
+        // draw row 0 forever.
+        self.rng = state.max(1);
+    }
+
     /// `batch` training rows drawn at random, right-padded to the longest.
     ///
     /// # Errors

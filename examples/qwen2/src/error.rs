@@ -108,6 +108,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A PEFT LoRA adapter directory is unusable, or does not fit the model.
+    #[error("{}: {message}", path.display())]
+    Adapter {
+        /// `adapter_config.json` or `adapter_model.safetensors`.
+        path: PathBuf,
+        /// What is wrong (naming the key or tensor), and what to do.
+        message: String,
+    },
+
     /// One line of a JSONL data file is unusable.
     #[error("{}, line {line}: {message}", path.display())]
     DataLine {

@@ -13,6 +13,7 @@ use checkpoint_runtime::checkpointable;
 
 use crate::attention::Attention;
 use crate::config::Config;
+use crate::lora::LoraConfig;
 use crate::mlp::Mlp;
 use crate::nn::RmsNorm;
 use crate::rope::Rope;
@@ -34,9 +35,17 @@ impl DecoderLayer {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        Self::with_lora(cfg, None, vb)
+    }
+
+    /// [`DecoderLayer::new`], with LoRA updates on the projections `lora` targets.
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn with_lora(cfg: &Config, lora: Option<&LoraConfig>, vb: &VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            self_attn: Attention::new(cfg, &vb.pp("self_attn"))?,
-            mlp: Mlp::new(cfg, &vb.pp("mlp"))?,
+            self_attn: Attention::with_lora(cfg, lora, &vb.pp("self_attn"))?,
+            mlp: Mlp::with_lora(cfg, lora, &vb.pp("mlp"))?,
             input_layernorm: RmsNorm::new(cfg.hidden_size, cfg, &vb.pp("input_layernorm"))?,
             post_attention_layernorm: RmsNorm::new(
                 cfg.hidden_size,

@@ -3,9 +3,11 @@
 //!
 //! Read top to bottom: [`config`] → [`rope`] → [`nn`] → [`mlp`] → [`attention`] → [`layer`] →
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
-//! back out), [`tokenizer`] (the checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
+//! back out), [`lora`] and [`adapter`] (LoRA updates on a frozen base, PEFT adapter
+//! directories), [`state`] (the optimizer and sampler, to resume a run), [`tokenizer`] (the
+//! checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
 //! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
-//! an eval split), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
+//! an eval split), [`threads`] (how candle's CPU thread pools share the cores), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
 //! times one full training step.
 //!
 //! ```no_run
@@ -25,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod adapter;
 pub mod attention;
 pub mod bench;
 pub mod chat;
@@ -33,12 +36,16 @@ pub mod data;
 pub mod error;
 pub mod layer;
 pub mod loader;
+pub mod lora;
 pub mod loss;
 pub mod mlp;
 pub mod model;
 pub mod nn;
+pub mod plot;
 pub mod rope;
 pub mod save;
+pub mod state;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

@@ -1,6 +1,7 @@
 //! Hugging Face checkpoints in, trainable variables out.
 //!
 //! Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`),
+//! memory-mapped,
 //! converts f32, bf16 or f16 tensors into the training dtype on the chosen device, and makes
 //! every parameter a [`Var`] kept in a [`VarMap`] under its Hugging Face name, so that an
 //! optimizer can update it. The model's constructors are the only list of parameters: the loader
@@ -9,6 +10,9 @@
 //!
 //! [`random`] builds the same variables from a seeded N(0, initializer_range) initialisation
 //! (ones for norms, zeros for biases), reproducible across machines.
+//!
+//! [`load_lora`] loads the same checkpoint frozen, with LoRA updates ([`crate::lora`]) that are
+//! the only trainable variables: fresh ones, or a PEFT adapter read by [`crate::adapter`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +25,7 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result, TensorProblem};
+use crate::lora::{LoraConfig, is_lora_name};
 use crate::model::Qwen2;
 
 /// A model and its trainable parameters.
@@ -29,12 +34,20 @@ pub struct Loaded {
     pub model: Qwen2,
     /// The validated configuration.
     pub config: Config,
-    /// Every parameter under its Hugging Face name (save it with `VarMap::save`).
+    /// Every base parameter under its Hugging Face name (save it with `VarMap::save`). With
+    /// LoRA these are frozen: the model reads them as constants and they get no gradient.
     pub varmap: VarMap,
-    /// The same parameters, in the order the model requested them.
+    /// The trainable parameters, in the order the model requested them: every base parameter,
+    /// or with LoRA only the `lora_A`/`lora_B` matrices (`model.layers.N.….lora_A.weight`).
     pub params: Vec<(String, Var)>,
+    /// The LoRA configuration the model was built with.
+    pub lora: Option<LoraConfig>,
     /// Tensors in the files that the model did not use (e.g. `lm_head.weight` of a tied model).
     pub unused: Vec<String>,
+    /// The dtype of the checkpoint's floating-point weights (the first float tensor's, by
+    /// name); `None` for a random initialisation. A model trained in another dtype is saved
+    /// back in this one.
+    pub file_dtype: Option<DType>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -60,7 +73,70 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     build(
         config,
         Source::Files { tensors, sources },
+        None,
         dir,
+        dtype,
+        device,
+    )
+}
+
+/// LoRA matrices for [`load_lora`]: fresh, or read from an adapter.
+#[derive(Debug, Clone)]
+pub enum LoraInit {
+    /// `A` Kaiming-uniform from `LoraConfig::seed`, `B` zero.
+    Fresh,
+    /// These tensors, under the model's names (`model.layers.N.self_attn.q_proj.lora_A.weight`),
+    /// read from `file` (named in errors); see [`crate::adapter::load`].
+    Tensors {
+        /// The adapter's weights file.
+        file: PathBuf,
+        /// The matrices.
+        tensors: HashMap<String, Tensor>,
+    },
+}
+
+/// Loads the checkpoint in `dir` frozen, with the LoRA updates of `lora` as the only trainable
+/// parameters ([`Loaded::params`]), initialised by `init`.
+///
+/// # Errors
+/// As [`load`]; [`Error::Adapter`] naming the adapter file and every LoRA matrix it lacks, has
+/// misshapen, or has for a projection the configuration does not adapt.
+pub fn load_lora(
+    dir: &Path,
+    lora: &LoraConfig,
+    init: LoraInit,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    let config = Config::from_file(&dir.join("config.json"))?;
+    let (tensors, sources) = read_weights(dir)?;
+    build(
+        config,
+        Source::Files { tensors, sources },
+        Some((lora.clone(), init)),
+        dir,
+        dtype,
+        device,
+    )
+}
+
+/// [`random`] with fresh LoRA updates: a frozen random base (seed `seed`), `A` from
+/// `lora.seed`.
+///
+/// # Errors
+/// If candle cannot allocate the parameters.
+pub fn random_lora(
+    config: &Config,
+    seed: u64,
+    lora: &LoraConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    build(
+        config.clone(),
+        Source::Random { seed },
+        Some((lora.clone(), LoraInit::Fresh)),
+        Path::new("<random init>"),
         dtype,
         device,
     )
@@ -74,6 +150,7 @@ pub fn random(config: &Config, seed: u64, dtype: DType, device: &Device) -> Resu
     build(
         config.clone(),
         Source::Random { seed },
+        None,
         Path::new("<random init>"),
         dtype,
         device,
@@ -83,26 +160,44 @@ pub fn random(config: &Config, seed: u64, dtype: DType, device: &Device) -> Resu
 fn build(
     config: Config,
     source: Source,
+    lora: Option<(LoraConfig, LoraInit)>,
     dir: &Path,
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
-    let state = Arc::new(Mutex::new(State::default()));
+    let state = Arc::new(Mutex::new(State {
+        layers: config.num_hidden_layers,
+        ..State::default()
+    }));
+    let lora_config = lora.as_ref().map(|(c, _)| c.clone());
     let backend = Backend {
         source,
+        lora,
         varmap: VarMap::new(),
         state: Arc::clone(&state),
         tied: config.tie_word_embeddings,
     };
     let varmap = backend.varmap.clone();
-    let file_names: Vec<String> = match &backend.source {
-        Source::Files { tensors, .. } => tensors.keys().cloned().collect(),
-        Source::Random { .. } => Vec::new(),
+    let (file_names, file_dtype): (Vec<String>, Option<DType>) = match &backend.source {
+        Source::Files { tensors, .. } => {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            let dtype = names
+                .iter()
+                .filter_map(|n| tensors.get(*n))
+                .map(Tensor::dtype)
+                .find(|d| d.is_float());
+            (tensors.keys().cloned().collect(), dtype)
+        }
+        Source::Random { .. } => (Vec::new(), None),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let built = Qwen2::new(&config, &vb);
+    let built = Qwen2::with_lora(&config, lora_config.as_ref(), &vb);
     drop(vb);
     let state = std::mem::take(&mut *state.lock().unwrap_or_else(PoisonError::into_inner));
+    if let Some(err) = state.adapter_error(&lora_config) {
+        return Err(err);
+    }
     if !state.problems.is_empty() {
         return Err(Error::Tensors {
             dir: dir.to_owned(),
@@ -110,7 +205,7 @@ fn build(
         });
     }
     let model = built?;
-    let used: HashSet<&str> = state.params.iter().map(|(n, _)| n.as_str()).collect();
+    let used: HashSet<&str> = state.used.iter().map(String::as_str).collect();
     let mut unused: Vec<String> = file_names
         .into_iter()
         .filter(|n| !used.contains(n.as_str()))
@@ -121,7 +216,9 @@ fn build(
         config,
         varmap,
         params: state.params,
+        lora: lora_config,
         unused,
+        file_dtype,
     })
 }
 
@@ -183,12 +280,28 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         ));
     }
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+    let unreadable = |e: candle_core::Error| {
         Error::Data(format!(
             "{}: not a readable safetensors file: {e}",
             path.display()
         ))
-    })
+    };
+    // SAFETY: the file is mapped read-only and only read while `file` lives (each tensor is
+    // copied out of the mapping below); the mapping's contents are undefined only if another
+    // process truncates or rewrites the checkpoint during these reads, which the CLI documents
+    // as unsupported (`save` never rewrites in place: it renames a new file over the old one,
+    // which leaves this mapping on the old inode).
+    let file =
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(unreadable)?;
+    // Copied out one tensor at a time: the peak is the tensors, not the file read into memory
+    // beside them (as `safetensors::load` does).
+    file.tensors()
+        .into_iter()
+        .map(|(name, _)| {
+            let t = file.load(&name, &Device::Cpu).map_err(unreadable)?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 enum Source {
@@ -203,13 +316,73 @@ enum Source {
 
 #[derive(Default)]
 struct State {
+    /// Trainable: every base parameter, or only the LoRA matrices.
     params: Vec<(String, Var)>,
+    /// Names of the base tensors the model requested.
+    used: Vec<String>,
     problems: Vec<TensorProblem>,
+    /// Problems with the LoRA matrices of an adapter, and its file.
+    adapter_problems: Vec<String>,
+    adapter_file: Option<PathBuf>,
+    /// Names of the adapter's matrices the model requested.
+    adapter_used: HashSet<String>,
+    /// Every matrix the adapter holds.
+    adapter_names: Vec<String>,
+    /// Decoder layers of the model (for messages).
+    layers: usize,
+}
+
+impl State {
+    /// Everything wrong with the adapter at once: missing, misshapen and unused matrices.
+    fn adapter_error(&self, lora: &Option<LoraConfig>) -> Option<Error> {
+        let file = self.adapter_file.as_ref()?;
+        let mut problems = self.adapter_problems.clone();
+        let mut unused: Vec<&String> = self
+            .adapter_names
+            .iter()
+            .filter(|n| !self.adapter_used.contains(*n))
+            .collect();
+        unused.sort();
+        let targets = lora
+            .as_ref()
+            .map(|l| {
+                l.targets
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        problems.extend(unused.into_iter().map(|n| {
+            format!(
+                "tensor `{}{n}`: the model has no such adapted projection (targets {targets}, \
+                 {} layers); the adapter was made for another model or target_modules",
+                crate::adapter::PEFT_PREFIX,
+                self.layers,
+            )
+        }));
+        if problems.is_empty() {
+            return None;
+        }
+        Some(Error::Adapter {
+            path: file.clone(),
+            message: format!(
+                "does not match the model:\n{}",
+                problems
+                    .iter()
+                    .map(|p| format!("  - {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        })
+    }
 }
 
 /// The `VarBuilder` backend: every tensor the model asks for becomes a `Var` in the `VarMap`.
 struct Backend {
     source: Source,
+    /// With LoRA, base tensors are handed to the model as constants.
+    lora: Option<(LoraConfig, LoraInit)>,
     varmap: VarMap,
     state: Arc<Mutex<State>>,
     tied: bool,
@@ -266,6 +439,70 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// A trainable LoRA matrix: from the adapter, or drawn from `init` with the LoRA seed.
+    fn lora_matrix(
+        &self,
+        shape: &Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some((lora, source)) = &self.lora else {
+            candle_core::bail!("`{name}`: a LoRA matrix was requested without a LoRA configuration")
+        };
+        let value = match source {
+            LoraInit::Fresh => init_tensor(shape, name, init, lora.seed, dtype, dev)?,
+            LoraInit::Tensors { file, tensors } => {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if state.adapter_file.is_none() {
+                    state.adapter_file = Some(file.clone());
+                    state.adapter_names = tensors.keys().cloned().collect();
+                }
+                state.adapter_used.insert(name.to_owned());
+                let peft = format!("{}{name}", crate::adapter::PEFT_PREFIX);
+                match tensors.get(name) {
+                    None => {
+                        state.adapter_problems.push(format!(
+                            "missing tensor `{peft}`: target_modules adapts this projection; \
+                             the adapter was made for another model, or its file is incomplete"
+                        ));
+                        return Tensor::zeros(shape, dtype, dev);
+                    }
+                    Some(t) if t.shape() != shape => {
+                        state.adapter_problems.push(format!(
+                            "tensor `{peft}` has shape {:?}, r {} and the model imply {:?}: \
+                             check r in adapter_config.json (and --lora-r), and that the \
+                             adapter was made for this model",
+                            t.dims(),
+                            lora.r,
+                            shape.dims()
+                        ));
+                        return Tensor::zeros(shape, dtype, dev);
+                    }
+                    Some(t) if !t.dtype().is_float() => {
+                        candle_core::bail!(
+                            "tensor `{peft}` in {} is {:?}, not a float tensor",
+                            file.display(),
+                            t.dtype()
+                        )
+                    }
+                    Some(t) => t.to_dtype(dtype)?.to_device(dev)?,
+                }
+            }
+        };
+        let var = Var::from_tensor(&value)?;
+        let tensor = var.as_tensor().clone();
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .params
+            .push((name.to_owned(), var));
+        Ok(tensor)
+    }
+}
+
 impl SimpleBackend for Backend {
     fn get(
         &self,
@@ -275,6 +512,9 @@ impl SimpleBackend for Backend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if is_lora_name(name) {
+            return self.lora_matrix(&shape, name, init, dtype, dev);
+        }
         let Some(value) = self.value(&shape, name, init, dtype, dev)? else {
             // Recorded as a problem; a placeholder lets construction go on to find the others.
             return Tensor::zeros(shape, dtype, dev);
@@ -285,12 +525,15 @@ impl SimpleBackend for Backend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned(), var.clone());
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.used.push(name.to_owned());
+        if self.lora.is_some() {
+            // Frozen: the model reads a constant that shares the Var's storage, so no gradient
+            // reaches the base (and no optimizer sees it).
+            return Ok(var.as_tensor().detach());
+        }
         let tensor = var.as_tensor().clone();
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .params
-            .push((name.to_owned(), var));
+        state.params.push((name.to_owned(), var));
         Ok(tensor)
     }
 

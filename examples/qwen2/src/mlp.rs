@@ -2,17 +2,17 @@
 //! product fused (`checkpoint_ops::silu_mul`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::Config;
-use crate::nn::linear;
+use crate::lora::{LoraConfig, LoraLinear, Target};
 
 /// Qwen2MLP.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
 }
 
 impl Mlp {
@@ -21,11 +21,22 @@ impl Mlp {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        Self::with_lora(cfg, None, vb)
+    }
+
+    /// [`Mlp::new`], with LoRA updates on the projections `lora` targets.
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn with_lora(cfg: &Config, lora: Option<&LoraConfig>, vb: &VarBuilder<'_>) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let proj = |i, o, target: Target| {
+            LoraLinear::new(i, o, false, target, cfg, lora, &vb.pp(target.name()))
+        };
         Ok(Self {
-            gate_proj: linear(h, i, false, cfg, &vb.pp("gate_proj"))?,
-            up_proj: linear(h, i, false, cfg, &vb.pp("up_proj"))?,
-            down_proj: linear(i, h, false, cfg, &vb.pp("down_proj"))?,
+            gate_proj: proj(h, i, Target::GateProj)?,
+            up_proj: proj(h, i, Target::UpProj)?,
+            down_proj: proj(i, h, Target::DownProj)?,
         })
     }
 

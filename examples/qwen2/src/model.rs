@@ -8,6 +8,7 @@ use checkpoint_runtime::{Checkpointer, checkpointable};
 use crate::attention::additive_mask;
 use crate::config::Config;
 use crate::layer::DecoderLayer;
+use crate::lora::LoraConfig;
 use crate::nn::{RmsNorm, linear};
 use crate::rope::Rope;
 
@@ -28,6 +29,15 @@ impl Qwen2 {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        Self::with_lora(cfg, None, vb)
+    }
+
+    /// [`Qwen2::new`], with LoRA updates on the projections `lora` targets, in every layer
+    /// (`vb.model.layers.N.{self_attn,mlp}.P.lora_{A,B}.weight`).
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn with_lora(cfg: &Config, lora: Option<&LoraConfig>, vb: &VarBuilder<'_>) -> Result<Self> {
         let model = vb.pp("model");
         let init = Init::Randn {
             mean: 0.0,
@@ -39,7 +49,7 @@ impl Qwen2 {
             init,
         )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, &model.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::with_lora(cfg, lora, &model.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(cfg.hidden_size, cfg, &model.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {

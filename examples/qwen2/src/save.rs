@@ -5,9 +5,12 @@
 //! Each file is written to a temporary name in the same directory and renamed into place, so
 //! that an interrupted save never leaves a half-written checkpoint where a good one was.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
 
+use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 
 use crate::config::Config;
@@ -34,20 +37,79 @@ pub fn prepare(dir: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Write`] naming the file that could not be written; the previous file stays in place.
 pub fn save(dir: &Path, config: &Config, varmap: &VarMap) -> Result<()> {
+    save_as(dir, config, varmap, None)
+}
+
+/// [`save`], with the weights converted to `dtype` (the dtype of the checkpoint a run started
+/// from: a bf16 checkpoint trained in f32 is saved bf16); `None`: as trained.
+///
+/// # Errors
+/// As [`save`].
+pub fn save_as(dir: &Path, config: &Config, varmap: &VarMap, dtype: Option<DType>) -> Result<()> {
     prepare(dir)?;
     let [config_name, weights_name] = FILES;
     replace(&dir.join(config_name), |tmp| {
         fs::write(tmp, config.to_json()).map_err(|e| Error::write(tmp, e))
     })?;
+    let tensors = {
+        let vars = varmap.data().lock().unwrap_or_else(PoisonError::into_inner);
+        vars.iter()
+            .map(|(name, var)| {
+                let t = var.as_tensor();
+                let t = match dtype {
+                    Some(d) if d != t.dtype() => t.to_dtype(d)?,
+                    _ => t.clone(),
+                };
+                Ok((name.clone(), t))
+            })
+            .collect::<candle_core::Result<HashMap<String, Tensor>>>()?
+    };
     replace(&dir.join(weights_name), |tmp| {
-        varmap
-            .save(tmp)
+        candle_core::safetensors::save(&tensors, tmp)
             .map_err(|e| Error::write(tmp, std::io::Error::other(e.to_string())))
     })
 }
 
+/// The tokenizer files a Hugging Face checkpoint may have; [`copy_tokenizer`] copies those
+/// present.
+pub const TOKENIZER_FILES: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+];
+
+/// Copies the [`TOKENIZER_FILES`] present in `from` (the checkpoint trained from) into `to`
+/// (the saved one), so that `--model TO` tokenizes as the run did. Returns those copied.
+///
+/// # Errors
+/// [`Error::Write`] naming the file that could not be copied.
+pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<Vec<&'static str>> {
+    let mut copied = Vec::new();
+    for name in TOKENIZER_FILES {
+        let src = from.join(name);
+        if !src.is_file() {
+            continue;
+        }
+        let dst = to.join(name);
+        // The same directory (`--model D --save D`): the files are already there.
+        if src.canonicalize().ok() != dst.canonicalize().ok() || !dst.exists() {
+            replace(&dst, |tmp| {
+                fs::copy(&src, tmp)
+                    .map(|_| ())
+                    .map_err(|e| Error::write(tmp, e))
+            })?;
+        }
+        copied.push(name);
+    }
+    Ok(copied)
+}
+
 /// Writes `path` through `write` into a temporary file next to it, then renames it into place.
-fn replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);

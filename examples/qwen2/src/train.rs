@@ -1,4 +1,4 @@
-//! The training loop: AdamW (candle-nn) with decoupled weight decay on matrices only, global-norm
+//! The training loop: AdamW (`checkpoint_ops`' in-place one, f32 masters for bf16/f16) with decoupled weight decay on matrices only, global-norm
 //! gradient clipping, linear warmup then cosine decay of the learning rate, gradients from the
 //! checkpointing engine, and a progress line with loss, tokens/s and memory.
 
@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
+use checkpoint_ops::AdamW;
 use checkpoint_runtime::{Checkpointer, DiskConfig, GradientAudit, Mode, Policy, Stats};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::loss::causal_lm_loss;
 use crate::model::Qwen2;
+use crate::state;
 
 /// How the layers are checkpointed: the CLI's `--checkpoint` and policy options.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +199,10 @@ pub struct TrainConfig {
     /// Evaluate on the data's held-out rows every N steps (and after the last step);
     /// `None`: after the last step only. Nothing without held-out rows.
     pub eval_every: Option<usize>,
+    /// Micro-batches of `batch` rows per optimizer step: their gradients are summed in f32,
+    /// each weighted by its share of the step's predicted tokens, so that the step is the step
+    /// of one batch of `accumulate · batch` rows (1: no accumulation).
+    pub accumulate: usize,
 }
 
 impl Default for TrainConfig {
@@ -210,6 +216,7 @@ impl Default for TrainConfig {
             clip: 1.0,
             weight_decay: 0.1,
             eval_every: None,
+            accumulate: 1,
         }
     }
 }
@@ -399,9 +406,69 @@ pub fn train(
     device: &Device,
     mut after_step: impl FnMut(usize) -> Result<()>,
 ) -> Result<Summary> {
+    train_resumable(model, params, data, ckpt, cfg, device, None, |view| {
+        after_step(view.done)
+    })
+}
+
+/// What [`train_resumable`] shows its callback after each optimizer step: enough to save the
+/// model and its training state.
+#[derive(Debug)]
+pub struct StepView<'a> {
+    /// Steps done, counting those before a resume.
+    pub done: usize,
+    /// The optimizer (its AdamW state).
+    pub opt: &'a ClippedAdamW,
+    /// The data (its sampler's position).
+    pub data: &'a Dataset,
+    /// The loss of every step done, counting those before a resume.
+    pub losses: &'a [f32],
+    /// `(step, loss)` of every evaluation done, counting those before a resume.
+    pub evals: &'a [(usize, f64)],
+}
+
+impl StepView<'_> {
+    /// The training state to save now, with the run's `args` and `seed` (see
+    /// [`crate::state`]).
+    #[must_use]
+    pub fn meta(&self, seed: u64, args: std::collections::BTreeMap<String, String>) -> state::Meta {
+        state::Meta {
+            step: self.done,
+            data_position: self.data.sampler_state(),
+            seed,
+            losses: self.losses.to_vec(),
+            evals: self.evals.to_vec(),
+            args,
+        }
+    }
+}
+
+/// [`train`], continuing from a saved training state when `resume` is given (its weights,
+/// AdamW state, sampler position and step: the run goes on as if never stopped), and showing
+/// `after_step` a [`StepView`]. The summary's losses and evaluations are this call's steps.
+///
+/// # Errors
+/// As [`train`]; also a training state that does not fit the model (see
+/// [`state::Saved::apply`]) or that is past `cfg.steps`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_resumable(
+    model: &Qwen2,
+    params: &[(String, Var)],
+    data: &mut Dataset,
+    ckpt: &Checkpointer,
+    cfg: &TrainConfig,
+    device: &Device,
+    resume: Option<&state::Saved>,
+    mut after_step: impl FnMut(&StepView<'_>) -> Result<()>,
+) -> Result<Summary> {
     if cfg.eval_every == Some(0) {
         return Err(Error::Data(
             "--eval-every 0: evaluate every 1 or more steps".to_owned(),
+        ));
+    }
+    if cfg.accumulate == 0 {
+        return Err(Error::Data(
+            "--accumulate 0: a step takes the gradients of 1 or more micro-batches".to_owned(),
         ));
     }
     let mut opt = ClippedAdamW::new(
@@ -415,6 +482,24 @@ pub fn train(
             clip: cfg.clip,
         },
     )?;
+    let (first, mut all_losses, mut all_evals) = match resume {
+        Some(saved) => {
+            if saved.meta.step > cfg.steps {
+                return Err(Error::Data(format!(
+                    "--resume: the saved run is at step {}, past --steps {}; give the saved \
+                     run's --steps",
+                    saved.meta.step, cfg.steps
+                )));
+            }
+            saved.apply(params, &mut opt, data)?;
+            (
+                saved.meta.step,
+                saved.meta.losses.clone(),
+                saved.meta.evals.clone(),
+            )
+        }
+        None => (0, Vec::new(), Vec::new()),
+    };
     let mut progress = Progress::new(cfg.steps);
     let mut losses = Vec::with_capacity(cfg.steps);
     let mut tokens = 0;
@@ -424,32 +509,27 @@ pub fn train(
     let mut peak_gpu = None;
     let mut plans_printed = Vec::new();
     let mut evals = Vec::new();
-    for step in 0..cfg.steps {
+    for step in first..cfg.steps {
         let lr = cfg.lr_at(step);
         opt.set_learning_rate(lr);
-        let batch = data.sample(cfg.batch, device)?;
-        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(ckpt))?;
-        let loss = causal_lm_loss(&logits, &batch.labels)?;
-        drop(logits);
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(Error::Data(format!(
-                "step {step}: the loss is {value}; lower --lr (now {lr:.2e})"
-            )));
-        }
-        // One call: candle-nn's `opt.backward_step(&loss)` cannot see the checkpointed
-        // layers' gradients (and fails rather than skip them).
-        let grads = ckpt.backward_step(&mut opt, &loss)?;
-        drop(loss);
-        if step == 0 {
+        let (value, grads, step_tokens) = accumulated_grads(model, data, ckpt, cfg, device)
+            .map_err(|e| match e {
+                Error::Data(msg) if msg.starts_with("the loss is") => {
+                    Error::Data(format!("step {step}: {msg}; lower --lr (now {lr:.2e})"))
+                }
+                e => e,
+            })?;
+        opt.step(&grads)?;
+        if step == first {
             let audit = GradientAudit::of_named(&grads, params.iter().map(|(n, v)| (n, v)))?;
             progress.clear_line();
             eprintln!("{audit} (mode {})", ckpt.mode());
             audit.into_result()?;
         }
         drop(grads);
-        tokens += batch.tokens;
+        tokens += step_tokens;
         losses.push(value);
+        all_losses.push(value);
         stats.merge(&ckpt.take_stats());
         print_new_budget_plans(ckpt, &progress, &mut plans_printed);
         let gpu = gpu_used_bytes(device);
@@ -463,8 +543,15 @@ pub fn train(
             progress.clear_line();
             eprintln!("{eval}");
             evals.push(eval);
+            all_evals.push((eval.step, eval.loss));
         }
-        after_step(done)?;
+        after_step(&StepView {
+            done,
+            opt: &opt,
+            data,
+            losses: &all_losses,
+            evals: &all_evals,
+        })?;
     }
     drop(progress);
     Ok(Summary {
@@ -477,6 +564,60 @@ pub fn train(
         stats,
         evals,
     })
+}
+
+/// The loss (mean per predicted token over the step's micro-batches) and gradients of one
+/// optimizer step: `cfg.accumulate` micro-batches of `cfg.batch` rows, each through `ckpt`,
+/// their gradients summed in f32 weighted by each micro-batch's share of the predicted tokens
+/// (one micro-batch: its gradients as they are). Also the non-padding tokens seen.
+fn accumulated_grads(
+    model: &Qwen2,
+    data: &mut Dataset,
+    ckpt: &Checkpointer,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<(f32, GradStore, usize)> {
+    let mut micro = Vec::with_capacity(cfg.accumulate);
+    let mut tokens = 0;
+    for _ in 0..cfg.accumulate {
+        let batch = data.sample(cfg.batch, device)?;
+        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), Some(ckpt))?;
+        let loss = causal_lm_loss(&logits, &batch.labels)?;
+        drop(logits);
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::Data(format!("the loss is {value}")));
+        }
+        // One call: `loss.backward()` cannot see the checkpointed layers' gradients.
+        let grads = ckpt.backward(&loss)?;
+        tokens += batch.tokens;
+        micro.push((value, grads, batch.targets));
+    }
+    if micro.len() == 1
+        && let Some((value, grads, _)) = micro.pop()
+    {
+        return Ok((value, grads, tokens));
+    }
+    let targets: usize = micro.iter().map(|(_, _, t)| t).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let total = targets.max(1) as f64;
+    let (mut loss, mut sum) = (0.0f64, GradStore::default());
+    for (value, grads, t) in micro {
+        #[allow(clippy::cast_precision_loss)]
+        let weight = t as f64 / total;
+        loss += f64::from(value) * weight;
+        for id in grads.get_ids().copied().collect::<Vec<_>>() {
+            let Some(g) = grads.get_id(id) else { continue };
+            let g = (g.to_dtype(DType::F32)? * weight)?;
+            let g = match sum.get_id(id) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            sum.insert_id(id, g);
+        }
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    Ok((loss as f32, sum, tokens))
 }
 
 /// Prints the plans a budget policy made since the last call: one per stack length and batch
@@ -492,9 +633,14 @@ fn print_new_budget_plans(ckpt: &Checkpointer, progress: &Progress, printed: &mu
     }
 }
 
-/// AdamW (candle-nn) with decoupled weight decay on matrices only and global-norm gradient
-/// clipping, as one [`Optimizer`], so that one `ckpt.backward_step(&mut opt, &loss)` steps
-/// every parameter.
+/// AdamW ([`checkpoint_ops::AdamW`]: in place, f32 moments, f32 master copies of bf16/f16
+/// parameters) with decoupled weight decay on matrices only and global-norm gradient clipping,
+/// as one [`Optimizer`], so that one `ckpt.backward_step(&mut opt, &loss)` steps every
+/// parameter.
+///
+/// The clip is folded into the update: every gradient is multiplied by the clip factor in f32
+/// inside the step, so a half-precision gradient is not rounded a second time, and no scaled
+/// copy is made. Gradients may be f32 for any parameter (accumulated ones, say).
 #[derive(Debug)]
 pub struct ClippedAdamW {
     /// Matrices: decayed.
@@ -521,6 +667,41 @@ impl ClippedAdamW {
     pub fn last_norm(&self) -> f64 {
         self.last_norm
     }
+
+    /// Optimizer steps taken.
+    #[must_use]
+    pub fn step_count(&self) -> u32 {
+        self.decayed.step_count()
+    }
+
+    /// The AdamW state of `var` (see [`AdamW::state`]): f32 rows `[m, v]`, plus the f32 master
+    /// row of a half-precision parameter.
+    #[must_use]
+    pub fn state(&self, var: &Var) -> Option<&Tensor> {
+        self.decayed.state(var).or_else(|| self.plain.state(var))
+    }
+
+    /// The f32 master copy of `var` (flattened) if it is a half-precision parameter.
+    ///
+    /// # Errors
+    /// If candle cannot take the row.
+    pub fn master(&self, var: &Var) -> candle_core::Result<Option<Tensor>> {
+        match self.decayed.master(var)? {
+            Some(m) => Ok(Some(m)),
+            None => self.plain.master(var),
+        }
+    }
+
+    /// Continues from saved states (see [`AdamW::restore`]) after `step` steps.
+    ///
+    /// # Errors
+    /// A state of the wrong shape or dtype, or a variable not optimized here.
+    pub fn restore(&mut self, step: u32, states: Vec<(&Var, Tensor)>) -> candle_core::Result<()> {
+        let (matrices, vectors): (Vec<_>, Vec<_>) =
+            states.into_iter().partition(|(v, _)| v.rank() >= 2);
+        self.decayed.restore(step, matrices)?;
+        self.plain.restore(step, vectors)
+    }
 }
 
 impl Optimizer for ClippedAdamW {
@@ -543,15 +724,11 @@ impl Optimizer for ClippedAdamW {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        let mut clipped = GradStore::default();
-        for var in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                clipped.insert(var.as_tensor(), g.clone());
-            }
-        }
-        self.last_norm = clip_grad_norm(&mut clipped, &self.vars, self.clip)?;
-        self.decayed.step(&clipped)?;
-        self.plain.step(&clipped)
+        let norm = grad_norm(grads, &self.vars)?;
+        self.last_norm = norm;
+        let scale = clip_scale(norm, self.clip);
+        self.decayed.step_scaled(grads, scale)?;
+        self.plain.step_scaled(grads, scale)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -564,16 +741,11 @@ impl Optimizer for ClippedAdamW {
     }
 }
 
-/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`
-/// (`0`: no clipping). Returns the norm before clipping.
+/// The global L2 norm of the gradients of `vars` (in f32), 0 without any.
 ///
 /// # Errors
-/// If candle cannot compute the norm.
-pub fn clip_grad_norm(
-    grads: &mut GradStore,
-    vars: &[Var],
-    max_norm: f64,
-) -> candle_core::Result<f64> {
+/// If candle cannot compute it.
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
     let mut squares = Vec::with_capacity(vars.len());
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
@@ -583,9 +755,33 @@ pub fn clip_grad_norm(
     if squares.is_empty() {
         return Ok(0.0);
     }
-    let norm = f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt();
+    Ok(f64::from(Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?).sqrt())
+}
+
+/// The factor that brings a gradient of global norm `norm` within `max_norm` (`0`: no clipping).
+#[must_use]
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Scales the gradients of `vars` so that their global L2 norm is at most `max_norm`
+/// (`0`: no clipping), in their own dtype. Returns the norm before clipping.
+/// [`ClippedAdamW`] folds the factor into its update instead.
+///
+/// # Errors
+/// If candle cannot compute the norm.
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    vars: &[Var],
+    max_norm: f64,
+) -> candle_core::Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
         for var in vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
                 grads.insert(var.as_tensor(), (g * scale)?);
