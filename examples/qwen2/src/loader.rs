@@ -23,10 +23,11 @@ use crate::config::Config;
 use crate::error::{Error, Result, TensorProblem};
 use crate::model::Qwen2;
 
-/// A model and its trainable parameters.
-pub struct Loaded {
+/// A model (by default [`Qwen2`]; any model built by [`load_with`]) and its trainable
+/// parameters.
+pub struct Loaded<M = Qwen2> {
     /// The model; its weights are the tensors of `params`.
-    pub model: Qwen2,
+    pub model: M,
     /// The validated configuration.
     pub config: Config,
     /// Every parameter under its Hugging Face name (save it with `VarMap::save`).
@@ -37,7 +38,7 @@ pub struct Loaded {
     pub unused: Vec<String>,
 }
 
-impl std::fmt::Debug for Loaded {
+impl<M> std::fmt::Debug for Loaded<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
         f.debug_struct("Loaded")
@@ -55,6 +56,21 @@ impl std::fmt::Debug for Loaded {
 /// listing every missing or misshapen tensor, [`Error::Io`] / [`Error::Json`] for unreadable
 /// files, [`Error::Data`] for a sharded index that names a tensor its shard lacks.
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    load_with(dir, dtype, device, Qwen2::new)
+}
+
+/// As [`load`], for a model that `new` builds from the checkpoint's Qwen2 configuration (a
+/// variant whose `config.json` adds keys, read by the caller) and a [`VarBuilder`] over its
+/// tensors: same files, names, checks and errors.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_with<M>(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    new: impl FnOnce(&Config, &VarBuilder<'_>) -> candle_core::Result<M>,
+) -> Result<Loaded<M>> {
     let config = Config::from_file(&dir.join("config.json"))?;
     let (tensors, sources) = read_weights(dir)?;
     build(
@@ -63,6 +79,7 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         dir,
         dtype,
         device,
+        new,
     )
 }
 
@@ -71,22 +88,38 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
 /// # Errors
 /// If candle cannot allocate the parameters.
 pub fn random(config: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Loaded> {
+    random_with(config, seed, dtype, device, Qwen2::new)
+}
+
+/// As [`random`], for a model that `new` builds (see [`load_with`]).
+///
+/// # Errors
+/// If candle cannot allocate the parameters.
+pub fn random_with<M>(
+    config: &Config,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    new: impl FnOnce(&Config, &VarBuilder<'_>) -> candle_core::Result<M>,
+) -> Result<Loaded<M>> {
     build(
         config.clone(),
         Source::Random { seed },
         Path::new("<random init>"),
         dtype,
         device,
+        new,
     )
 }
 
-fn build(
+fn build<M>(
     config: Config,
     source: Source,
     dir: &Path,
     dtype: DType,
     device: &Device,
-) -> Result<Loaded> {
+    new: impl FnOnce(&Config, &VarBuilder<'_>) -> candle_core::Result<M>,
+) -> Result<Loaded<M>> {
     let state = Arc::new(Mutex::new(State::default()));
     let backend = Backend {
         source,
@@ -100,7 +133,7 @@ fn build(
         Source::Random { .. } => Vec::new(),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let built = Qwen2::new(&config, &vb);
+    let built = new(&config, &vb);
     drop(vb);
     let state = std::mem::take(&mut *state.lock().unwrap_or_else(PoisonError::into_inner));
     if !state.problems.is_empty() {

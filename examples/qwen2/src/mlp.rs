@@ -21,7 +21,16 @@ impl Mlp {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Self::with_width(cfg.intermediate_size, cfg, vb)
+    }
+
+    /// As [`Mlp::new`] with an inner width of `intermediate` (a mixture-of-experts model's
+    /// experts and shared expert are narrower than `cfg.intermediate_size`).
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn with_width(intermediate: usize, cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, intermediate);
         Ok(Self {
             gate_proj: linear(h, i, false, cfg, &vb.pp("gate_proj"))?,
             up_proj: linear(h, i, false, cfg, &vb.pp("up_proj"))?,

@@ -1,0 +1,88 @@
+//! The decoder layer: pre-norm attention (Qwen2's, reused) and a feed-forward block that is
+//! either the sparse mixture of experts or, for layers `mlp_only_layers` /
+//! `decoder_sparse_step` leave dense, a plain MLP. Each with a residual connection.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use qwen2::attention::Attention;
+use qwen2::mlp::Mlp;
+use qwen2::nn::RmsNorm;
+use qwen2::rope::Rope;
+
+use crate::config::Config;
+use crate::moe::SparseMoe;
+
+/// The feed-forward block of one layer, `model.layers.N.mlp`.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// Routed experts and the shared expert.
+    Sparse(SparseMoe),
+    /// A dense MLP of width `intermediate_size` (Qwen2MoeMLP).
+    Dense(Mlp),
+}
+
+/// Qwen2MoeDecoderLayer, `model.layers.N`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: FeedForward,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// Layer `index` from `vb.{self_attn, mlp, input_layernorm, post_attention_layernorm}`.
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn new(cfg: &Config, index: usize, vb: &VarBuilder<'_>) -> Result<Self> {
+        let base = &cfg.base;
+        let mlp = if cfg.is_sparse(index) {
+            FeedForward::Sparse(SparseMoe::new(cfg, &vb.pp("mlp"))?)
+        } else {
+            FeedForward::Dense(Mlp::new(base, &vb.pp("mlp"))?)
+        };
+        Ok(Self {
+            self_attn: Attention::new(base, &vb.pp("self_attn"))?,
+            mlp,
+            input_layernorm: RmsNorm::new(base.hidden_size, base, &vb.pp("input_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(
+                base.hidden_size,
+                base,
+                &vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    /// Whether this layer routes through experts (and so yields router logits).
+    #[must_use]
+    pub fn is_sparse(&self) -> bool {
+        matches!(self.mlp, FeedForward::Sparse(_))
+    }
+
+    /// `hidden`: `(b, t, hidden)`. `attention_mask`: additive, from
+    /// [`additive_mask`](qwen2::attention::additive_mask). `rope`: tables for `t` positions.
+    /// Returns the new hidden states and, for a sparse layer, its router logits
+    /// `(b·t, experts)`.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        attention_mask: Option<&Tensor>,
+        rope: &Rope,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let normed = self.input_layernorm.forward(hidden)?;
+        let hidden = (hidden + self.self_attn.forward(&normed, attention_mask, rope)?)?;
+        let normed = self.post_attention_layernorm.forward(&hidden)?;
+        let (out, logits) = match &self.mlp {
+            FeedForward::Sparse(moe) => {
+                let (out, logits) = moe.forward(&normed)?;
+                (out, Some(logits))
+            }
+            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
+        };
+        Ok(((&hidden + out)?, logits)) // (b, t, hidden)
+    }
+}
