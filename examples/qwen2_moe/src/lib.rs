@@ -12,6 +12,7 @@ pub mod model;
 pub mod moe;
 pub mod router;
 pub mod router_loss;
+pub mod train;
 pub mod verify;
 
 pub use config::Config;
