@@ -28,6 +28,7 @@ pub struct DecoderLayer {
     mlp: FeedForward,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
+    num_experts: usize,
 }
 
 impl DecoderLayer {
@@ -51,6 +52,7 @@ impl DecoderLayer {
                 base,
                 &vb.pp("post_attention_layernorm"),
             )?,
+            num_experts: cfg.num_experts,
         })
     }
 
@@ -62,8 +64,9 @@ impl DecoderLayer {
 
     /// `hidden`: `(b, t, hidden)`. `attention_mask`: additive, from
     /// [`additive_mask`](qwen2::attention::additive_mask). `rope`: tables for `t` positions.
-    /// Returns the new hidden states and, for a sparse layer, its router logits
-    /// `(b·t, experts)`.
+    /// Returns the new hidden states and the router logits `(b·t, experts)`; a dense layer
+    /// returns `(0, experts)` router logits (every layer of one stack has one signature), which
+    /// the model leaves out.
     ///
     /// # Errors
     /// On a shape mismatch.
@@ -72,17 +75,17 @@ impl DecoderLayer {
         hidden: &Tensor,
         attention_mask: Option<&Tensor>,
         rope: &Rope,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Tensor)> {
         let normed = self.input_layernorm.forward(hidden)?;
         let hidden = (hidden + self.self_attn.forward(&normed, attention_mask, rope)?)?;
         let normed = self.post_attention_layernorm.forward(&hidden)?;
         let (out, logits) = match &self.mlp {
-            FeedForward::Sparse(moe) => {
-                let (out, logits) = moe.forward(&normed)?;
-                (out, Some(logits))
+            FeedForward::Sparse(moe) => moe.forward(&normed)?,
+            FeedForward::Dense(mlp) => {
+                let none = Tensor::zeros((0, self.num_experts), hidden.dtype(), hidden.device())?;
+                (mlp.forward(&normed)?, none)
             }
-            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
         };
-        Ok(((&hidden + out)?, logits)) // (b, t, hidden)
+        Ok(((&hidden + out)?, logits)) // (b, t, hidden), (b·t | 0, experts)
     }
 }

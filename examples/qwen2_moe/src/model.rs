@@ -88,12 +88,20 @@ impl Qwen2Moe {
         let mut xs = self.embed_tokens.forward(input_ids)?; // (b, t, hidden)
         let rope = Rope::new(&self.cfg.base, t, xs.dtype(), device)?;
         let mask = additive_mask(attention_mask, b, t, device)?; // (b, 1, t, t) f32
-        let mut router_logits = Vec::new();
+        let mut all_logits = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (next, logits) = layer.forward(&xs, Some(&mask), &rope)?;
-            xs = next;
-            router_logits.extend(logits);
+            let (h, logits) = layer.forward(&xs, Some(&mask), &rope)?;
+            xs = h;
+            all_logits.push(logits);
         }
+        // Dense layers route nothing: the load-balancing loss is over the sparse ones only.
+        let router_logits = self
+            .layers
+            .iter()
+            .zip(all_logits)
+            .filter(|(layer, _)| layer.is_sparse())
+            .map(|(_, logits)| logits)
+            .collect();
         let xs = self.norm.forward(&xs)?; // (b, t, hidden)
         Ok(Output {
             logits: self.lm_head.forward(&xs)?, // (b, t, vocab)
