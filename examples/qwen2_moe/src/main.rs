@@ -52,6 +52,9 @@ struct TrainArgs {
     /// Peak learning rate (linear warmup, then cosine decay to a tenth).
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
+    /// Steps of linear warmup.
+    #[arg(long, default_value_t = 4)]
+    warmup: usize,
     /// Seed of the random initialisation and of the batch sampler.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
@@ -109,6 +112,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         steps: args.steps,
         batch: args.batch,
         lr: args.lr,
+        warmup: args.warmup,
         ..TrainConfig::default()
     };
     let summary = train::train(

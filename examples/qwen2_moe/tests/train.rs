@@ -68,3 +68,39 @@ fn the_random_init_model_trains() -> TestResult {
     assert!(last < first, "loss {first} -> {last}");
     Ok(())
 }
+
+/// The `loss A -> B` line of a `qwen2-moe train` run.
+fn first_and_last_loss(stdout: &str) -> Option<(f32, f32)> {
+    let line = stdout.lines().find(|l| l.starts_with("loss "))?;
+    let mut words = line.split_whitespace();
+    let first = words.nth(1)?.parse().ok()?;
+    let last = words.nth(1)?.parse().ok()?;
+    Some((first, last))
+}
+
+#[test]
+fn the_cli_trains_the_fixture_and_verifies_it() -> TestResult {
+    let bin = env!("CARGO_BIN_EXE_qwen2-moe");
+    let dir = fixture();
+    let dir = dir.to_str().ok_or("fixture path is not UTF-8")?;
+    let out = std::process::Command::new(bin)
+        .args(["train", "--model", dir, "--steps", "8", "--batch", "4"])
+        .args(["--seq-len", "32", "--warmup", "1"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (first, last) = first_and_last_loss(&stdout).ok_or(format!("no loss line:\n{stdout}"))?;
+    assert!(last < first - 0.1, "loss {first} -> {last}");
+
+    let out = std::process::Command::new(bin)
+        .args(["verify", "--model", dir])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("all 58 tensors within tolerance"),
+        "{stdout}"
+    );
+    Ok(())
+}
