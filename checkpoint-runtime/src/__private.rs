@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 pub use crate::partial::Partial;
-pub use crate::{Checkpointer, Kwargs, Layer};
+pub use crate::{Checkpointer, Kwargs, Layer, MultiLayer, StackOutputs};
 pub use candle_core::{Result, Tensor};
 pub use std::string::String;
 pub use std::vec::Vec;
@@ -206,4 +206,82 @@ impl<E: Into<candle_core::Error>> LayerOutput for core::result::Result<Tensor, E
 /// The layer's error.
 pub fn layer_output<R: LayerOutput>(output: R) -> candle_core::Result<Tensor> {
     output.into_layer_result()
+}
+
+/// What a checkpointable method with several carries or outputs may return.
+#[diagnostic::on_unimplemented(
+    message = "a checkpointable method returning a tuple must return `Result<(Tensor, ..)>`, \
+               not `{Self}`",
+    label = "the engine needs the layer's output tensors, or its error",
+    note = "return `candle_core::Result<(Tensor, Tensor, ..)>` (up to 8 tensors): the new \
+            carry first, then the auxiliary outputs"
+)]
+pub trait LayerOutputs {
+    /// The outputs, in order, as candle's result.
+    ///
+    /// # Errors
+    /// The layer's error.
+    fn into_layer_outputs(self) -> candle_core::Result<Vec<Tensor>>;
+}
+
+macro_rules! layer_outputs_for_tuples {
+    ($($n:ident)+) => {
+        impl<E: Into<candle_core::Error>> LayerOutputs
+            for core::result::Result<($(layer_outputs_for_tuples!(@tensor $n),)+), E>
+        {
+            fn into_layer_outputs(self) -> candle_core::Result<Vec<Tensor>> {
+                let ($($n,)+) = self.map_err(Into::into)?;
+                Ok(vec![$($n),+])
+            }
+        }
+    };
+    (@tensor $n:ident) => { Tensor };
+}
+layer_outputs_for_tuples!(a b);
+layer_outputs_for_tuples!(a b c);
+layer_outputs_for_tuples!(a b c d);
+layer_outputs_for_tuples!(a b c d e);
+layer_outputs_for_tuples!(a b c d e f);
+layer_outputs_for_tuples!(a b c d e f g);
+layer_outputs_for_tuples!(a b c d e f g h);
+
+/// The outputs of a checkpointable method returning a tuple, as candle's result.
+///
+/// # Errors
+/// The layer's error.
+pub fn layer_outputs<R: LayerOutputs>(output: R) -> candle_core::Result<Vec<Tensor>> {
+    output.into_layer_outputs()
+}
+
+/// The error for a carry of the wrong number of tensors (the engine checks before calling).
+#[must_use]
+pub fn carry_arity(expected: usize, got: usize) -> candle_core::Error {
+    candle_core::Error::msg(format!(
+        "the layer takes a carry of {expected} tensor(s) but was given {got}"
+    ))
+}
+
+/// `N` tensors out of `outputs`, as a `#[checkpoint]` statement's pattern binds them.
+///
+/// # Errors
+/// If the layer returned another number of tensors than the pattern binds.
+pub fn take_n<const N: usize>(
+    outputs: Vec<Tensor>,
+    what: &str,
+) -> candle_core::Result<[Tensor; N]> {
+    let got = outputs.len();
+    <[Tensor; N]>::try_from(outputs).map_err(|_| {
+        candle_core::Error::msg(format!(
+            "the checkpointed statement binds {N} {what} but the layer returned {got}: bind \
+             every tensor the layer returns"
+        ))
+    })
+}
+
+/// The engine's result of a stack with several carries or outputs, as candle's.
+///
+/// # Errors
+/// The engine's error, converted.
+pub fn candle_outputs(result: crate::Result<StackOutputs>) -> candle_core::Result<StackOutputs> {
+    result.map_err(candle_core::Error::from)
 }

@@ -47,11 +47,13 @@ pub trait Layer<K: Kwargs = ()>: Clone + Send + Sync + 'static {
 
 /// A human-readable name for layer `index` of a stack, used in errors.
 pub(crate) fn describe<L, K: Kwargs>(index: usize) -> String {
-    format!(
-        "layer {index} (`{}::{}`)",
-        short_type_name(std::any::type_name::<L>()),
-        K::METHOD
-    )
+    let name = short_type_name(std::any::type_name::<L>());
+    // A layer with several carries or outputs runs wrapped (`outputs::Packed<L>`): name `L`.
+    let name = name
+        .strip_prefix("Packed<")
+        .and_then(|inner| inner.strip_suffix('>'))
+        .map_or(name, short_type_name);
+    format!("layer {index} (`{name}::{}`)", K::METHOD)
 }
 
 /// `my_crate::model::DecoderLayer` → `DecoderLayer`, keeping generic arguments readable.

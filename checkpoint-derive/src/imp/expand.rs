@@ -12,8 +12,17 @@ use super::validate::{Kind, LayerImpl, Method};
 ///
 /// `rt` is the path of the runtime's `__private` module in generated code.
 pub(crate) fn layer_struct(item: &ItemStruct, rt: &TokenStream) -> TokenStream {
-    let name = &item.ident;
-    let (impl_generics, ty_generics, where_clause) = item.generics.split_for_impl();
+    layer_type(&item.ident, &item.generics, rt)
+}
+
+/// The enum attribute: like [`layer_struct`]. An enum of layers (`Dense(..)`, `Moe(..)`) is one
+/// layer type whose method dispatches with `match`: a mixed stack.
+pub(crate) fn layer_enum(item: &syn::ItemEnum, rt: &TokenStream) -> TokenStream {
+    layer_type(&item.ident, &item.generics, rt)
+}
+
+fn layer_type(name: &Ident, generics: &syn::Generics, rt: &TokenStream) -> TokenStream {
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     quote! {
         #[automatically_derived]
         impl #impl_generics #rt::Resolve
@@ -236,6 +245,51 @@ pub(crate) fn layer_method(
         #rt::assert_layer_struct::<Self>();
     };
 
+    let layer_impl = match method.carries {
+        None => quote! {
+            #[automatically_derived]
+            impl #impl_generics #rt::Layer<#owned> for #self_ty #layer_where {
+                fn forward_checkpointed(
+                    &self,
+                    #carry_var: &#rt::Tensor,
+                    #kwargs_var: &#owned,
+                ) -> #rt::CandleResult<#rt::Tensor> {
+                    #assert_struct
+                    #rt::layer_output(Self::#method_name(self, #carry_var, #(#reborrow),*))
+                }
+            }
+        },
+        Some(n) => {
+            let parts: Vec<Ident> = (0..n)
+                .map(|i| format_ident!("__ckpt_carry{}", i, span = Span::mixed_site()))
+                .collect();
+            let arg = if matches!(method.carry_ty, Type::Tuple(_)) {
+                quote!((#(#parts),*))
+            } else {
+                quote!(#(#parts)*)
+            };
+            quote! {
+                #[automatically_derived]
+                impl #impl_generics #rt::MultiLayer<#owned> for #self_ty #layer_where {
+                    const CARRIES: usize = #n;
+                    fn forward_outputs(
+                        &self,
+                        #carry_var: &[#rt::Tensor],
+                        #kwargs_var: &#owned,
+                    ) -> #rt::CandleResult<#rt::Vec<#rt::Tensor>> {
+                        #assert_struct
+                        let [#(#parts),*] = #carry_var else {
+                            return ::core::result::Result::Err(
+                                #rt::carry_arity(#n, #carry_var.len()),
+                            );
+                        };
+                        #rt::layer_outputs(Self::#method_name(self, #arg, #(#reborrow),*))
+                    }
+                }
+            }
+        }
+    };
+
     quote! {
         #[doc = #record_doc]
         #[allow(dead_code)]
@@ -287,17 +341,7 @@ pub(crate) fn layer_method(
             const METHOD: &'static str = #method_lit;
         }
 
-        #[automatically_derived]
-        impl #impl_generics #rt::Layer<#owned> for #self_ty #layer_where {
-            fn forward_checkpointed(
-                &self,
-                #carry_var: &#rt::Tensor,
-                #kwargs_var: &#owned,
-            ) -> #rt::CandleResult<#rt::Tensor> {
-                #assert_struct
-                #rt::layer_output(Self::#method_name(self, #carry_var, #(#reborrow),*))
-            }
-        }
+        #layer_impl
 
         #[allow(dead_code)]
         impl #impl_generics #self_ty #where_clause {

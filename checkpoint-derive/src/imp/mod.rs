@@ -71,6 +71,15 @@ fn expand_item(options: &Options, item: Item, errors: &mut Errors) -> (Item, Tok
             };
             (Item::Struct(item), generated)
         }
+        Item::Enum(item) => {
+            validate::struct_options(options, errors);
+            let generated = if errors.is_empty() {
+                expand::layer_enum(&item, &rt)
+            } else {
+                TokenStream::new()
+            };
+            (Item::Enum(item), generated)
+        }
         Item::Impl(mut item) => {
             let engine = options.engine.as_ref().map(|(_, e)| e);
             let markers = rewrite::impl_block(&mut item, engine, &rt, errors);

@@ -616,6 +616,13 @@ fn for_loop_stmt(for_loop: &ExprForLoop, site: Site<'_>) -> syn::Result<TokenStr
     let Some((last, lets)) = stmts.split_last() else {
         return Err(unsupported(&for_loop.body, "this loop has an empty body."));
     };
+    if let Some(at) = stmts.iter().rposition(|s| matches!(s, Stmt::Local(_)))
+        && at + 1 < stmts.len()
+        && let Stmt::Local(local) = &stmts[at]
+        && matches!(strip_pat(&local.pat), Pat::Tuple(_))
+    {
+        return multi_loop(for_loop, &stmts[..at], local, &stmts[at + 1..], site);
+    }
     let lets: Vec<&Stmt> = lets.iter().collect();
     for stmt in &lets {
         if !matches!(stmt, Stmt::Local(_)) {
@@ -742,4 +749,196 @@ fn fold(call: &ExprMethodCall, site: Site<'_>) -> syn::Result<TokenStream> {
         )
     }};
     Ok(with_engine(site, &call.to_token_stream(), &checkpointed))
+}
+
+fn strip_pat(pat: &Pat) -> &Pat {
+    match pat {
+        Pat::Type(t) => &t.pat,
+        other => other,
+    }
+}
+
+const MULTI: &str = "a `#[checkpoint]` loop over layers returning a tuple is written \
+    `for PAT in ITER { LETS; let (P0, P1, ..) = INVOCATION?; CARRY = P0; .. VEC.push(Pk); .. }`: \
+    after the invocation, one `CARRY = Pk;` per carry tensor (the first elements, in the order \
+    of the carry argument) and one `VEC.push(Pk);` per auxiliary output, nothing else";
+
+/// `for PAT in ITER { LETS; let (P..) = INVOCATION?; C = P; V.push(P); }` → one
+/// `run_stack_outputs`.
+fn multi_loop(
+    for_loop: &ExprForLoop,
+    lets: &[Stmt],
+    local: &Local,
+    tail: &[Stmt],
+    site: Site<'_>,
+) -> syn::Result<TokenStream> {
+    let rt = site.rt;
+    let var = engine_var();
+    let calls = calls_var();
+    let lets: Vec<&Stmt> = lets.iter().collect();
+    for stmt in &lets {
+        if !matches!(stmt, Stmt::Local(_)) {
+            return Err(unsupported(stmt, MULTI));
+        }
+    }
+    let Pat::Tuple(tuple) = strip_pat(&local.pat) else {
+        return Err(unsupported(&local.pat, MULTI));
+    };
+    let mut names = Vec::new();
+    for elem in &tuple.elems {
+        match elem {
+            Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => names.push(&p.ident),
+            other => {
+                return Err(unsupported(
+                    other,
+                    "bind each tensor the layer returns to a plain name.",
+                ));
+            }
+        }
+    }
+    let call = match &local.init {
+        Some(LocalInit {
+            expr,
+            diverge: None,
+            ..
+        }) => match &**expr {
+            Expr::Try(t) => &*t.expr,
+            other => return Err(unsupported(other, MULTI)),
+        },
+        _ => return Err(unsupported(local, MULTI)),
+    };
+    let inv = invocation(call, rt)?;
+    // The carry argument: `&xs`, or `(&xs, &residual)`.
+    let carry_args: Vec<&Expr> = match strip_parens(inv.carry) {
+        Expr::Tuple(t) => t.elems.iter().collect(),
+        other => vec![other],
+    };
+    let mut carries = Vec::new();
+    for arg in &carry_args {
+        let name = match arg {
+            Expr::Reference(r) if r.mutability.is_none() => ident_of(&r.expr),
+            _ => None,
+        };
+        match name {
+            Some(name) => carries.push(name),
+            None => {
+                return Err(syn::Error::new_spanned(
+                    arg,
+                    "in a checkpointed stack, each carry argument is `&CARRY`, a local variable \
+                     that the statements after the invocation set to what the layer returned \
+                     (`CARRY = P0;`)",
+                ));
+            }
+        }
+    }
+    let n = carries.len();
+    if names.len() < n.max(2) {
+        return Err(unsupported(
+            &local.pat,
+            "the pattern binds fewer tensors than the carry has (plus at least one auxiliary \
+             output for a single carry).",
+        ));
+    }
+    // Each bound name: the carry it is assigned to, or the vector it is pushed onto.
+    let mut used = vec![false; names.len()];
+    let mut pushes: Vec<Option<&Expr>> = vec![None; names.len() - n];
+    for stmt in tail {
+        let (k, right) = match stmt {
+            Stmt::Expr(Expr::Assign(a), Some(_)) => {
+                let (Some(left), Some(right)) = (ident_of(&a.left), ident_of(&a.right)) else {
+                    return Err(unsupported(stmt, MULTI));
+                };
+                let Some(k) = names.iter().position(|p| *p == right).filter(|k| *k < n) else {
+                    return Err(unsupported(
+                        &a.right,
+                        "only the carry elements (the first of the pattern, one per carry \
+                         argument) are assigned after the invocation.",
+                    ));
+                };
+                if carries[k] != left {
+                    return Err(syn::Error::new_spanned(
+                        &a.left,
+                        format!(
+                            "element {k} of the layer's output is the new `{}` (the carry \
+                             argument in that position): assign it there",
+                            carries[k]
+                        ),
+                    ));
+                }
+                (k, right)
+            }
+            Stmt::Expr(Expr::MethodCall(m), Some(_))
+                if m.method == "push" && m.args.len() == 1 && m.turbofish.is_none() =>
+            {
+                let Some(right) = m.args.first().and_then(ident_of) else {
+                    return Err(unsupported(stmt, MULTI));
+                };
+                let Some(k) = names.iter().position(|p| *p == right).filter(|k| *k >= n) else {
+                    return Err(unsupported(
+                        &m.args,
+                        "only auxiliary outputs (the elements after the carry) are pushed.",
+                    ));
+                };
+                pushes[k - n] = Some(&*m.receiver);
+                (k, right)
+            }
+            other => return Err(unsupported(other, MULTI)),
+        };
+        if std::mem::replace(&mut used[k], true) {
+            return Err(syn::Error::new_spanned(
+                right,
+                format!("`{right}` is used twice after the invocation: use it once"),
+            ));
+        }
+    }
+    if let Some(k) = used.iter().position(|u| !u) {
+        return Err(syn::Error::new_spanned(
+            names[k],
+            format!(
+                "`{}` is not used after the invocation: {}",
+                names[k],
+                if k < n {
+                    format!("assign it to the carry, `{} = {};`", carries[k], names[k])
+                } else {
+                    format!("push it onto a vector, `outputs.push({});`", names[k])
+                }
+            ),
+        ));
+    }
+    for carry in &carries {
+        check_no_carry(&inv, &lets, carry)?;
+    }
+    let label = &for_loop.label;
+    let pat = &for_loop.pat;
+    let iter = &for_loop.expr;
+    let pair = &inv.pair;
+    let out = Ident::new("__ckpt_out", Span::mixed_site());
+    let aux = Ident::new("__ckpt_aux", Span::mixed_site());
+    let carry_vars: Vec<Ident> = (0..n)
+        .map(|i| quote::format_ident!("__ckpt_c{}", i, span = Span::mixed_site()))
+        .collect();
+    let aux_vars: Vec<Ident> = (n..names.len())
+        .map(|i| quote::format_ident!("__ckpt_a{}", i, span = Span::mixed_site()))
+        .collect();
+    // Every auxiliary name is used (checked above), so every slot holds its vector.
+    let vecs: Vec<&Expr> = pushes.iter().flatten().copied().collect();
+    let aux_count = aux_vars.len();
+    let checkpointed = quote! {{
+        let mut #calls = #rt::Vec::new();
+        #label for #pat in #iter {
+            #(#lets)*
+            #calls.push(#pair);
+        }
+        let #out = #rt::candle_outputs(
+            #var.run_stack_outputs(&[#(::core::clone::Clone::clone(&#carries)),*], #calls),
+        )?;
+        let [#(#carry_vars),*] = #rt::take_n::<#n>(#out.carry, "carry tensors")?;
+        #( #carries = #carry_vars; )*
+        for #aux in #out.aux {
+            let [#(#aux_vars),*] = #rt::take_n::<#aux_count>(#aux, "auxiliary outputs")?;
+            #( #vecs.push(#aux_vars); )*
+        }
+    }};
+    let plain = quote!({ #for_loop });
+    Ok(with_engine(site, &plain, &checkpointed))
 }

@@ -28,6 +28,10 @@ pub(crate) struct Method<'a> {
     pub(crate) carry_ty: &'a Type,
     pub(crate) kwargs: Vec<Kwarg<'a>>,
     pub(crate) output: &'a Type,
+    /// For a layer with several carries or outputs (a tuple carry argument, or a return type
+    /// written `Result<(Tensor, ..)>`): how many tensors the carry is. `None`: the plain
+    /// `&Tensor` → `Result<Tensor>` layer.
+    pub(crate) carries: Option<usize>,
 }
 
 /// A keyword argument: everything after the carry.
@@ -86,12 +90,6 @@ pub(crate) fn fn_options(options: &Options, item: &ItemFn, errors: &mut Errors) 
 
 pub(crate) fn unsupported_item(item: &Item) -> syn::Error {
     let (tokens, what, hint): (&dyn quote::ToTokens, &str, &str) = match item {
-        Item::Enum(e) => (
-            &e.enum_token,
-            "an enum",
-            "a layer is a struct; if the variants are different layers, make each a struct \
-             with its own `#[checkpointable]` impl and match outside the checkpointed call",
-        ),
         Item::Trait(t) => (
             &t.trait_token,
             "a trait",
@@ -113,7 +111,7 @@ pub(crate) fn unsupported_item(item: &Item) -> syn::Error {
     syn::Error::new_spanned(
         tokens,
         format!(
-            "`#[checkpointable]` applies to a layer struct, its impl, or a model function, not to \
+            "`#[checkpointable]` applies to a layer struct (or enum), its impl, or a model function, not to \
              {what}: {hint}"
         ),
     )
@@ -264,14 +262,19 @@ fn validate_method<'a>(
     let carry = inputs.next();
     let (carry_name, carry_ty) = match carry {
         Some(FnArg::Typed(pat)) => {
-            if !is_tensor_ref(&pat.ty) {
+            let ok = match &*pat.ty {
+                Type::Tuple(t) => t.elems.len() >= 2 && t.elems.iter().all(is_tensor_ref),
+                ty => is_tensor_ref(ty),
+            };
+            if !ok {
                 errors.push(syn::Error::new_spanned(
                     &pat.ty,
                     format!(
                         "the carry of `{name}` (its first parameter after `&self`) must be \
-                         `&Tensor`: it is the tensor that flows from layer to layer and receives \
-                         the gradient, and the engine hands each layer a borrowed one; pass other \
-                         inputs after it, as keyword arguments"
+                         `&Tensor`, or a tuple of them such as `(&Tensor, &Tensor)` for a \
+                         carry of several tensors: it is what flows from layer to layer and \
+                         receives the gradient, and the engine hands each layer borrowed \
+                         tensors; pass other inputs after it, as keyword arguments"
                     ),
                 ));
             }
@@ -337,7 +340,31 @@ fn validate_method<'a>(
             return None;
         }
     };
+    let carry_arity = match carry_ty {
+        Type::Tuple(t) => Some(t.elems.len()),
+        _ => None,
+    };
+    let outputs = tuple_output(output);
+    let carries = match (carry_arity, outputs) {
+        (None, None) => None,
+        (Some(n), Some(m)) if m >= n => Some(n),
+        (None, Some(_)) => Some(1),
+        (Some(n), m) => {
+            errors.push(syn::Error::new_spanned(
+                output,
+                format!(
+                    "`{name}` takes a carry of {n} tensors, so it returns the new carry first, \
+                     as a tuple written out in the return type: `Result<({})>`, followed by any \
+                     auxiliary outputs (it returns {})",
+                    vec!["Tensor"; n].join(", "),
+                    m.map_or_else(|| "one value".to_owned(), |m| format!("{m}"))
+                ),
+            ));
+            return None;
+        }
+    };
     Some(Method {
+        carries,
         vis: &method.vis,
         sig,
         carry_name,
@@ -382,6 +409,19 @@ fn check_receiver(receiver: &syn::Receiver, name: &Ident, errors: &mut Errors) {
                  calls it by reference; take `&self`"
             ),
         )),
+    }
+}
+
+/// The number of elements of a return type written `Result<(A, B, ..)>` (or `Result<(..), E>`),
+/// if it is one with two or more.
+fn tuple_output(ty: &Type) -> Option<usize> {
+    let Type::Path(p) = ty else { return None };
+    let PathArguments::AngleBracketed(args) = &p.path.segments.last()?.arguments else {
+        return None;
+    };
+    match args.args.first() {
+        Some(GenericArgument::Type(Type::Tuple(t))) if t.elems.len() >= 2 => Some(t.elems.len()),
+        _ => None,
     }
 }
 

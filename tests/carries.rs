@@ -1,0 +1,409 @@
+//! Several carries, auxiliary outputs and mixed stacks: a layer returning `(hidden, router
+//! logits)`, a `(hidden, residual)` pair carry (with and without an auxiliary output) and an enum
+//! of different layers give, through the engine in every mode, segments and a budget, the
+//! outputs and gradients of the plain calls (`engine = None`) bit for bit on CPU, with the loss
+//! reading every layer's auxiliary output.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use checkpoint_runtime::{Checkpointer, Mode, Policy, checkpointable};
+use checkpoint_tests::compare::max_abs_diff;
+use checkpoint_tests::init::Init;
+
+const D: usize = 6;
+const EXPERTS: usize = 3;
+
+/// A MoE-like block: the carry goes through a gated update, and the router logits come out.
+#[checkpointable]
+#[derive(Clone)]
+struct Routed {
+    w: Var,
+    router: Var,
+}
+
+#[checkpointable]
+impl Routed {
+    fn forward(&self, xs: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        let (b, t, d) = xs.dims3()?;
+        let flat = xs.reshape((b * t, d))?; // (b*t, d)
+        let logits = flat.matmul(self.router.as_tensor())?; // (b*t, e)
+        let gate = candle_nn::ops::softmax_last_dim(&logits)?.narrow(1, 0, 1)?; // (b*t, 1)
+        let h = flat
+            .matmul(self.w.as_tensor())?
+            .tanh()?
+            .broadcast_mul(&gate)?;
+        let ys = (xs + (h.reshape((b, t, d))? * scale)?)?;
+        Ok((ys, logits))
+    }
+}
+
+/// A block with a `(hidden, residual)` pair carry.
+#[checkpointable]
+#[derive(Clone)]
+struct Pair {
+    w: Var,
+}
+
+#[checkpointable]
+impl Pair {
+    fn forward(&self, carry: (&Tensor, &Tensor), scale: f64) -> Result<(Tensor, Tensor)> {
+        let (hidden, residual) = carry;
+        let residual = (residual + hidden)?;
+        let hidden = (residual.broadcast_matmul(self.w.as_tensor())?.tanh()? * scale)?;
+        Ok((hidden, residual))
+    }
+}
+
+/// A pair carry and an auxiliary output.
+#[checkpointable]
+#[derive(Clone)]
+struct PairAux {
+    w: Var,
+}
+
+#[checkpointable]
+impl PairAux {
+    fn forward(&self, carry: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor, Tensor)> {
+        let (hidden, residual) = carry;
+        let residual = (residual + hidden)?;
+        let hidden = residual.broadcast_matmul(self.w.as_tensor())?.tanh()?;
+        let stat = hidden.sqr()?.mean_keepdim(2)?; // (b, t, 1)
+        Ok((hidden, residual, stat))
+    }
+}
+
+/// A dense block for the mixed stack: its auxiliary output has another shape than the router's.
+#[derive(Clone)]
+struct Dense {
+    w: Var,
+}
+
+impl Dense {
+    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ys = (xs + xs.broadcast_matmul(self.w.as_tensor())?.tanh()?)?;
+        let norm = ys.sqr()?.sum_keepdim(2)?; // (b, t, 1)
+        Ok((ys, norm))
+    }
+}
+
+/// A mixed stack: layers of different types behind one checkpointable enum.
+#[checkpointable]
+#[derive(Clone)]
+enum Mixed {
+    Dense(Dense),
+    Routed(Routed),
+}
+
+#[checkpointable]
+impl Mixed {
+    fn forward(&self, xs: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Dense(layer) => layer.forward(xs),
+            Self::Routed(layer) => layer.forward(xs, scale),
+        }
+    }
+}
+
+struct Model {
+    routed: Vec<Routed>,
+    pairs: Vec<Pair>,
+    pair_aux: Vec<PairAux>,
+    mixed: Vec<Mixed>,
+}
+
+impl Model {
+    fn new(depth: usize, dev: &Device) -> Result<Self> {
+        let mut init = Init::new(7);
+        let mut var = |shape: (usize, usize)| init.var(shape, 0.5, DType::F32, dev);
+        let mut routed = Vec::new();
+        let mut pairs = Vec::new();
+        let mut pair_aux = Vec::new();
+        let mut mixed = Vec::new();
+        for i in 0..depth {
+            routed.push(Routed {
+                w: var((D, D))?,
+                router: var((D, EXPERTS))?,
+            });
+            pairs.push(Pair { w: var((D, D))? });
+            pair_aux.push(PairAux { w: var((D, D))? });
+            mixed.push(if i % 2 == 0 {
+                Mixed::Dense(Dense { w: var((D, D))? })
+            } else {
+                Mixed::Routed(Routed {
+                    w: var((D, D))?,
+                    router: var((D, EXPERTS))?,
+                })
+            });
+        }
+        Ok(Self {
+            routed,
+            pairs,
+            pair_aux,
+            mixed,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut vars = Vec::new();
+        for l in &self.routed {
+            vars.extend([l.w.clone(), l.router.clone()]);
+        }
+        vars.extend(self.pairs.iter().map(|l| l.w.clone()));
+        vars.extend(self.pair_aux.iter().map(|l| l.w.clone()));
+        for l in &self.mixed {
+            match l {
+                Mixed::Dense(d) => vars.push(d.w.clone()),
+                Mixed::Routed(r) => vars.extend([r.w.clone(), r.router.clone()]),
+            }
+        }
+        vars
+    }
+
+    /// Four stacks in a row, each feeding the next; returns the final hidden state and every
+    /// auxiliary output.
+    #[checkpointable(engine = ckpt)]
+    fn forward(&self, xs: &Tensor, ckpt: Option<&Checkpointer>) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut aux = Vec::new();
+        #[checkpoint]
+        for (i, layer) in self.routed.iter().enumerate() {
+            let scale = 1.0 / (i + 1) as f64;
+            let (h, logits) = layer.forward(&xs, scale)?;
+            xs = h;
+            aux.push(logits);
+        }
+        let mut residual = xs.zeros_like()?;
+        #[checkpoint]
+        for layer in &self.pairs {
+            let (h, r) = layer.forward((&xs, &residual), 0.5)?;
+            xs = h;
+            residual = r;
+        }
+        #[checkpoint]
+        for layer in &self.pair_aux {
+            let (h, r, stat) = layer.forward((&xs, &residual))?;
+            residual = r;
+            aux.push(stat);
+            xs = h;
+        }
+        let mut xs = (xs + residual)?;
+        #[checkpoint]
+        for layer in &self.mixed {
+            let (h, extra) = layer.forward(&xs, 0.25)?;
+            xs = h;
+            aux.push(extra);
+        }
+        Ok((xs, aux))
+    }
+}
+
+/// A loss weighing every element differently, reading the output and every auxiliary output.
+fn loss(ys: &Tensor, aux: &[Tensor]) -> Result<Tensor> {
+    let weigh = |t: &Tensor| -> Result<Tensor> {
+        let n = u32::try_from(t.elem_count()).unwrap_or(u32::MAX);
+        let w = Tensor::arange(0u32, n, t.device())?
+            .to_dtype(t.dtype())?
+            .reshape(t.shape())?
+            .affine(1e-2, -0.3)?
+            .cos()?;
+        (t * w)?.sum_all()
+    };
+    let mut total = weigh(ys)?;
+    for a in aux {
+        total = (total + weigh(&a.tanh()?)?)?;
+    }
+    Ok(total)
+}
+
+struct Step {
+    ys: Tensor,
+    aux: Vec<Tensor>,
+    grads: GradStore,
+}
+
+fn step(model: &Model, xs: &Var, ckpt: Option<&Checkpointer>) -> Result<Step> {
+    let (ys, aux) = model.forward(xs.as_tensor(), ckpt)?;
+    let l = loss(&ys, &aux)?;
+    let grads = match ckpt {
+        Some(ckpt) => ckpt.backward(&l)?,
+        None => l.backward()?,
+    };
+    Ok(Step { ys, aux, grads })
+}
+
+fn assert_same(plain: &Step, other: &Step, model: &Model, xs: &Var, what: &str) -> Result<()> {
+    assert_eq!(max_abs_diff(&plain.ys, &other.ys)?, 0.0, "output, {what}");
+    assert_eq!(plain.aux.len(), other.aux.len(), "aux count, {what}");
+    for (i, (a, b)) in plain.aux.iter().zip(&other.aux).enumerate() {
+        assert_eq!(a.dims(), b.dims(), "aux {i} shape, {what}");
+        assert_eq!(max_abs_diff(a, b)?, 0.0, "aux {i}, {what}");
+    }
+    let mut vars = model.vars();
+    vars.push(xs.clone());
+    for (i, v) in vars.iter().enumerate() {
+        let a = plain.grads.get(v.as_tensor());
+        let b = other.grads.get(v.as_tensor());
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!(
+                "gradient {i} missing ({what}): plain {}, other {}",
+                a.is_some(),
+                b.is_some()
+            );
+        };
+        assert_eq!(max_abs_diff(a, b)?, 0.0, "gradient of variable {i}, {what}");
+    }
+    Ok(())
+}
+
+fn setup(depth: usize) -> Result<(Model, Var)> {
+    let dev = Device::Cpu;
+    let model = Model::new(depth, &dev)?;
+    let xs = Init::new(99).var((2, 5, D), 1.0, DType::F32, &dev)?;
+    Ok((model, xs))
+}
+
+#[test]
+fn every_mode_matches_the_plain_calls_bit_for_bit() -> Result<()> {
+    for depth in [1, 2, 5] {
+        let (model, xs) = setup(depth)?;
+        let plain = step(&model, &xs, None)?;
+        assert_eq!(
+            plain.aux.len(),
+            3 * depth,
+            "one aux per layer of three stacks"
+        );
+        for mode in [
+            Mode::None,
+            Mode::Recompute,
+            Mode::OffloadHost,
+            Mode::OffloadDisk,
+        ] {
+            for policy in [Policy::new(mode), Policy::new(mode).segments(2)] {
+                let ckpt = Checkpointer::new(policy.clone());
+                let other = step(&model, &xs, Some(&ckpt))?;
+                assert_same(
+                    &plain,
+                    &other,
+                    &model,
+                    &xs,
+                    &format!("depth {depth}, {policy:?}"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_memory_budget_matches_the_plain_calls_bit_for_bit() -> Result<()> {
+    let (model, xs) = setup(4)?;
+    let plain = step(&model, &xs, None)?;
+    // A probe with an unlimited budget measures the costs (and keeps every graph).
+    let probe = Checkpointer::new(Policy::new(Mode::OffloadDisk).budget(u64::MAX));
+    let probed = step(&model, &xs, Some(&probe))?;
+    assert_same(&plain, &probed, &model, &xs, "probe")?;
+    let plans = probe.budget_plans();
+    let sum = |f: &dyn Fn(&checkpoint_runtime::LayerCost) -> u64| -> Vec<u64> {
+        plans.iter().map(|p| p.costs.iter().map(f).sum()).collect()
+    };
+    let everything = sum(&|c| c.graph_bytes + c.boundary_bytes);
+    let boundaries = sum(&|c| c.boundary_bytes);
+    let min = |v: &[u64]| v.iter().copied().min().unwrap_or(0);
+    let max = |v: &[u64]| v.iter().copied().max().unwrap_or(0);
+    for (mode, budget) in [
+        (Mode::Recompute, max(&boundaries) + min(&everything) / 4),
+        (Mode::OffloadDisk, min(&everything) / 2),
+        (Mode::OffloadDisk, min(&boundaries) / 2),
+    ] {
+        let ckpt = Checkpointer::new(Policy::new(mode).budget(budget));
+        // Twice: the probe step, then a step with the plan.
+        for run in 0..2 {
+            let other = step(&model, &xs, Some(&ckpt))?;
+            assert_same(
+                &plain,
+                &other,
+                &model,
+                &xs,
+                &format!("{mode} budget {budget}, run {run}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn recompute_keeps_only_packed_boundaries_and_recomputes() -> Result<()> {
+    let (model, xs) = setup(3)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let (ys, aux) = model.forward(xs.as_tensor(), Some(&ckpt))?;
+    let stats = ckpt.take_stats();
+    assert_eq!(stats.stacks, 4, "four loops, four stacks");
+    let l = loss(&ys, &aux)?;
+    ckpt.backward(&l)?;
+    let stats = ckpt.take_stats();
+    assert!(
+        stats.recompute > std::time::Duration::ZERO,
+        "backward recomputed the layers"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_auxiliary_output_of_another_dtype_is_refused_naming_the_layer() -> Result<()> {
+    #[checkpointable]
+    #[derive(Clone)]
+    struct Ids;
+
+    #[checkpointable]
+    impl Ids {
+        fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+            Ok((xs.clone(), xs.argmax_keepdim(1)?))
+        }
+    }
+
+    #[checkpointable(engine = ckpt)]
+    fn run(layers: &[Ids], xs: &Tensor, ckpt: &Checkpointer) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut ids = Vec::new();
+        #[checkpoint]
+        for layer in layers {
+            let (h, i) = layer.forward(&xs)?;
+            xs = h;
+            ids.push(i);
+        }
+        Ok((xs, ids))
+    }
+
+    let xs = Tensor::new(&[[1f32, 2.0]], &Device::Cpu)?;
+    let err = run(&[Ids, Ids], &xs, &Checkpointer::new(Policy::recompute()))
+        .expect_err("u32 ids cannot travel with an f32 carry");
+    let msg = err.to_string();
+    assert!(msg.contains("layer 0 (`"), "{msg}");
+    assert!(msg.contains("auxiliary output 0 is a U32 tensor"), "{msg}");
+    assert!(msg.contains("cast it in the layer"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn a_carry_that_changes_shape_is_refused_naming_the_layer() -> Result<()> {
+    #[checkpointable]
+    #[derive(Clone)]
+    struct Grow;
+
+    #[checkpointable]
+    impl Grow {
+        fn forward(&self, carry: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+            Ok((Tensor::cat(&[carry.0, carry.0], 0)?, carry.1.clone()))
+        }
+    }
+
+    let xs = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let err = ckpt
+        .run_stack_outputs(&[xs.clone(), xs], [(&Grow, GrowKwargsOwned {})])
+        .expect_err("the carry doubles");
+    let msg = err.to_string();
+    assert!(msg.contains("layer 0 (`"), "{msg}");
+    assert!(msg.contains("carry output 0 has shape [4]"), "{msg}");
+    Ok(())
+}

@@ -1,0 +1,29 @@
+use candle_core::{Result, Tensor};
+use checkpoint_runtime::{Checkpointer, checkpointable};
+
+#[checkpointable]
+#[derive(Clone)]
+struct Routed(Tensor);
+
+#[checkpointable]
+impl Routed {
+    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((xs.broadcast_mul(&self.0)?, xs.sum_keepdim(0)?))
+    }
+}
+
+#[checkpointable(engine = ckpt)]
+fn run(layers: &[Routed], xs: &Tensor, ckpt: &Checkpointer) -> Result<Vec<Tensor>> {
+    let mut xs = xs.clone();
+    let mut logits = Vec::new();
+    #[checkpoint]
+    for layer in layers {
+        let (h, l) = layer.forward(&xs)?;
+        xs = h;
+        println!("{l}");
+        logits.push(l);
+    }
+    Ok(logits)
+}
+
+fn main() {}

@@ -1,0 +1,26 @@
+use candle_core::{Result, Tensor};
+use checkpoint_runtime::{Checkpointer, checkpointable};
+
+#[checkpointable]
+#[derive(Clone)]
+struct Routed(Tensor);
+
+#[checkpointable]
+impl Routed {
+    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((xs.broadcast_mul(&self.0)?, xs.sum_keepdim(0)?))
+    }
+}
+
+#[checkpointable(engine = ckpt)]
+fn run(layers: &[Routed], xs: &Tensor, ckpt: &Checkpointer) -> Result<Tensor> {
+    let mut xs = xs.clone();
+    #[checkpoint]
+    for layer in layers {
+        let (h, logits) = layer.forward(&xs)?;
+        xs = h;
+    }
+    Ok(xs)
+}
+
+fn main() {}
