@@ -1,9 +1,14 @@
 //! The decoder layer: pre-norm attention (Qwen2's, reused) and a feed-forward block that is
 //! either the sparse mixture of experts or, for layers `mlp_only_layers` /
 //! `decoder_sparse_step` leave dense, a plain MLP. Each with a residual connection.
+//!
+//! `#[checkpointable]` with a tuple return: the hidden states are the carry, the router logits
+//! an auxiliary output the engine hands back per layer (recomputed layers included), so that
+//! the load-balancing loss's gradient reaches the routers of checkpointed layers.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use checkpoint_runtime::checkpointable;
 use qwen2::attention::Attention;
 use qwen2::mlp::Mlp;
 use qwen2::nn::RmsNorm;
@@ -22,6 +27,7 @@ pub enum FeedForward {
 }
 
 /// Qwen2MoeDecoderLayer, `model.layers.N`.
+#[checkpointable]
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     self_attn: Attention,
@@ -31,6 +37,7 @@ pub struct DecoderLayer {
     num_experts: usize,
 }
 
+#[checkpointable]
 impl DecoderLayer {
     /// Layer `index` from `vb.{self_attn, mlp, input_layernorm, post_attention_layernorm}`.
     ///

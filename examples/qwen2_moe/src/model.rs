@@ -3,6 +3,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use checkpoint_runtime::{Checkpointer, checkpointable};
 use qwen2::attention::additive_mask;
 use qwen2::nn::{RmsNorm, linear};
 use qwen2::rope::Rope;
@@ -80,15 +81,26 @@ impl Qwen2Moe {
     /// Logits and router logits for `input_ids` `(b, t)` (u32 or i64) with `attention_mask`
     /// `(b, t)` (1 = token, 0 = right padding; `None` = no padding).
     ///
+    /// `ckpt`: `None` runs the layers as plain calls; `Some` runs the whole stack through the
+    /// engine as one stack, the router logits coming back as each layer's auxiliary output, and
+    /// the gradients must then come from [`Checkpointer::backward`].
+    ///
     /// # Errors
-    /// On a shape mismatch.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Output> {
+    /// On a shape mismatch, or an engine error naming the layer.
+    #[checkpointable(engine = ckpt)]
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ckpt: Option<&Checkpointer>,
+    ) -> Result<Output> {
         let (b, t) = input_ids.dims2()?;
         let device = input_ids.device();
         let mut xs = self.embed_tokens.forward(input_ids)?; // (b, t, hidden)
         let rope = Rope::new(&self.cfg.base, t, xs.dtype(), device)?;
         let mask = additive_mask(attention_mask, b, t, device)?; // (b, 1, t, t) f32
         let mut all_logits = Vec::with_capacity(self.layers.len());
+        #[checkpoint] // the whole loop: ONE engine stack (the plain calls when `ckpt` is None)
         for layer in &self.layers {
             let (h, logits) = layer.forward(&xs, Some(&mask), &rope)?;
             xs = h;

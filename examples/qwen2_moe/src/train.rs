@@ -93,7 +93,7 @@ pub fn train(
         opt.set_learning_rate(lr);
         let batch = data.sample(cfg.batch, device)?;
         let mask = Some(&batch.attention_mask);
-        let out = model.forward(&batch.input_ids, mask)?;
+        let out = model.forward(&batch.input_ids, mask, Some(ckpt))?;
         let (loss, _, aux) = total_loss(
             &out.logits,
             &batch.labels,

@@ -10,20 +10,25 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use checkpoint_runtime::Mode;
+use checkpoint_runtime::Checkpointer;
 use qwen2::verify::{Check, GRAD_TOLERANCE, OUTPUT_TOLERANCE, Report, rel_err};
 use qwen2::{Error, Result};
 
 use crate::loader;
 use crate::router_loss::total_loss;
 
-/// Loads the checkpoint in `model_dir` in f32 on `device`, runs the reference batch, and
-/// compares.
+/// Loads the checkpoint in `model_dir` in f32 on `device`, runs the reference batch through
+/// it with the engine `ckpt` (any mode and policy), and compares.
 ///
 /// # Errors
 /// Loader errors, a reference file lacking a tensor or holding one of another shape, a
 /// gradient the reference has for a parameter the model lacks, candle errors.
-pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Report> {
+pub fn verify(
+    model_dir: &Path,
+    reference: &Path,
+    ckpt: &Checkpointer,
+    device: &Device,
+) -> Result<Report> {
     let loaded = loader::load(model_dir, DType::F32, device)?;
     let refs = candle_core::safetensors::load(reference, device).map_err(|e| {
         Error::Data(format!(
@@ -45,7 +50,7 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Rep
     let labels = get("labels")?;
 
     let model = &loaded.model;
-    let out = model.forward(&input_ids, Some(attention_mask))?;
+    let out = model.forward(&input_ids, Some(attention_mask), Some(ckpt))?;
     let (loss, _, aux) = total_loss(
         &out.logits,
         labels,
@@ -53,7 +58,7 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Rep
         model.config(),
         Some(attention_mask),
     )?;
-    let grads = loss.backward()?;
+    let grads = ckpt.backward(&loss)?; // not loss.backward(): see Checkpointer
 
     let mut checks = vec![
         check("logits", &out.logits, get("logits")?, OUTPUT_TOLERANCE)?,
@@ -94,7 +99,7 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Rep
         )));
     }
     Ok(Report {
-        mode: Mode::None,
+        mode: ckpt.mode(),
         checks,
     })
 }

@@ -76,7 +76,7 @@ fn dense_layers_follow_decoder_sparse_step_and_mlp_only_layers() -> TestResult {
         );
     }
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &dev)?;
-    let out = loaded.model.forward(&ids, None)?;
+    let out = loaded.model.forward(&ids, None, None)?;
     assert_eq!(
         out.router_logits.len(),
         1,
