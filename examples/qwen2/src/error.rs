@@ -205,7 +205,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn config(key: &str, message: impl Into<String>) -> Self {
+    /// [`Error::Config`] for `key`, with why and what to do.
+    pub fn config(key: &str, message: impl Into<String>) -> Self {
         Error::Config {
             key: key.to_owned(),
             message: message.into(),

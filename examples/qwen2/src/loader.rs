@@ -28,10 +28,11 @@ use crate::error::{Error, Result, TensorProblem};
 use crate::lora::{LoraConfig, is_lora_name};
 use crate::model::Qwen2;
 
-/// A model and its trainable parameters.
-pub struct Loaded {
+/// A model (by default [`Qwen2`]; any model built by [`load_with`]) and its trainable
+/// parameters.
+pub struct Loaded<M = Qwen2> {
     /// The model; its weights are the tensors of `params`.
-    pub model: Qwen2,
+    pub model: M,
     /// The validated configuration.
     pub config: Config,
     /// Every base parameter under its Hugging Face name (save it with `VarMap::save`). With
@@ -50,7 +51,7 @@ pub struct Loaded {
     pub file_dtype: Option<DType>,
 }
 
-impl std::fmt::Debug for Loaded {
+impl<M> std::fmt::Debug for Loaded<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
         f.debug_struct("Loaded")
@@ -68,6 +69,21 @@ impl std::fmt::Debug for Loaded {
 /// listing every missing or misshapen tensor, [`Error::Io`] / [`Error::Json`] for unreadable
 /// files, [`Error::Data`] for a sharded index that names a tensor its shard lacks.
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    load_with(dir, dtype, device, Qwen2::new)
+}
+
+/// As [`load`], for a model that `new` builds from the checkpoint's Qwen2 configuration (a
+/// variant whose `config.json` adds keys, read by the caller) and a [`VarBuilder`] over its
+/// tensors: same files, names, checks and errors.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_with<M>(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    new: impl FnOnce(&Config, &VarBuilder<'_>) -> candle_core::Result<M>,
+) -> Result<Loaded<M>> {
     let config = Config::from_file(&dir.join("config.json"))?;
     let (tensors, sources) = read_weights(dir)?;
     build(
@@ -77,6 +93,7 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         dir,
         dtype,
         device,
+        new,
     )
 }
 
@@ -117,6 +134,7 @@ pub fn load_lora(
         dir,
         dtype,
         device,
+        |cfg, vb| Qwen2::with_lora(cfg, Some(lora), vb),
     )
 }
 
@@ -139,6 +157,7 @@ pub fn random_lora(
         Path::new("<random init>"),
         dtype,
         device,
+        |cfg, vb| Qwen2::with_lora(cfg, Some(lora), vb),
     )
 }
 
@@ -147,6 +166,20 @@ pub fn random_lora(
 /// # Errors
 /// If candle cannot allocate the parameters.
 pub fn random(config: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Loaded> {
+    random_with(config, seed, dtype, device, Qwen2::new)
+}
+
+/// As [`random`], for a model that `new` builds (see [`load_with`]).
+///
+/// # Errors
+/// If candle cannot allocate the parameters.
+pub fn random_with<M>(
+    config: &Config,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    new: impl FnOnce(&Config, &VarBuilder<'_>) -> candle_core::Result<M>,
+) -> Result<Loaded<M>> {
     build(
         config.clone(),
         Source::Random { seed },
@@ -154,17 +187,19 @@ pub fn random(config: &Config, seed: u64, dtype: DType, device: &Device) -> Resu
         Path::new("<random init>"),
         dtype,
         device,
+        new,
     )
 }
 
-fn build(
+fn build<M>(
     config: Config,
     source: Source,
     lora: Option<(LoraConfig, LoraInit)>,
     dir: &Path,
     dtype: DType,
     device: &Device,
-) -> Result<Loaded> {
+    new: impl FnOnce(&Config, &VarBuilder<'_>) -> candle_core::Result<M>,
+) -> Result<Loaded<M>> {
     let state = Arc::new(Mutex::new(State {
         layers: config.num_hidden_layers,
         ..State::default()
@@ -192,7 +227,7 @@ fn build(
         Source::Random { .. } => (Vec::new(), None),
     };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let built = Qwen2::with_lora(&config, lora_config.as_ref(), &vb);
+    let built = new(&config, &vb);
     drop(vb);
     let state = std::mem::take(&mut *state.lock().unwrap_or_else(PoisonError::into_inner));
     if let Some(err) = state.adapter_error(&lora_config) {

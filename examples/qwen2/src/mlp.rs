@@ -29,7 +29,25 @@ impl Mlp {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn with_lora(cfg: &Config, lora: Option<&LoraConfig>, vb: &VarBuilder<'_>) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Self::build(cfg.intermediate_size, cfg, lora, vb)
+    }
+
+    /// As [`Mlp::new`] with an inner width of `intermediate` (a mixture-of-experts model's
+    /// experts and shared expert are narrower than `cfg.intermediate_size`).
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn with_width(intermediate: usize, cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        Self::build(intermediate, cfg, None, vb)
+    }
+
+    fn build(
+        intermediate: usize,
+        cfg: &Config,
+        lora: Option<&LoraConfig>,
+        vb: &VarBuilder<'_>,
+    ) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, intermediate);
         let proj = |i, o, target: Target| {
             LoraLinear::new(i, o, false, target, cfg, lora, &vb.pp(target.name()))
         };

@@ -6,9 +6,9 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::config::Config;
 
-/// `vb.weight` of shape `(out, in)` (and `vb.bias` of shape `(out,)` when `bias`), drawn from
+/// A linear layer: `vb.weight` of shape `(out, in)` (and `vb.bias` of shape `(out,)` when `bias`), drawn from
 /// N(0, initializer_range) / zeros when the builder creates them.
-pub(crate) fn linear(
+pub fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,

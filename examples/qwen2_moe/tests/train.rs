@@ -1,0 +1,112 @@
+//! Training the fixture checkpoint lowers its loss; the random-init model trains too.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use checkpoint_runtime::{Checkpointer, Policy};
+use qwen2::data::BUNDLED_TEXT;
+use qwen2::train::TrainConfig;
+use qwen2_moe::{Config, loader, train};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2-moe-tiny")
+}
+
+fn short_run() -> TrainConfig {
+    TrainConfig {
+        steps: 8,
+        batch: 4,
+        lr: 3e-3,
+        warmup: 1,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn a_short_training_run_on_the_fixture_lowers_the_loss() -> TestResult {
+    let dev = Device::Cpu;
+    let loaded = loader::load(&fixture(), DType::F32, &dev)?;
+    let vocab = loaded.model.config().base.vocab_size;
+    let mut data = train::folded_bytes(BUNDLED_TEXT, 32, vocab, 7)?;
+    // Through the engine: the router logits come out of recomputed layers.
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let summary = train::train(
+        &loaded.model,
+        &loaded.params,
+        &mut data,
+        &ckpt,
+        &short_run(),
+        &dev,
+    )?;
+    let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
+    assert!(last < first - 0.1, "loss {first} -> {last}");
+    assert_eq!(
+        summary.stats.stacks, 8,
+        "one engine stack per step: {}",
+        summary.stats
+    );
+    assert!(
+        summary.aux_losses.iter().all(|a| a.is_finite() && *a > 0.0),
+        "{:?}",
+        summary.aux_losses
+    );
+    Ok(())
+}
+
+#[test]
+fn the_random_init_model_trains() -> TestResult {
+    let dev = Device::Cpu;
+    let cfg = Config::tiny_bytes();
+    let loaded = loader::random(&cfg, 3, DType::F32, &dev)?;
+    let mut data = train::folded_bytes(BUNDLED_TEXT, 32, cfg.base.vocab_size, 7)?;
+    let ckpt = Checkpointer::new(Policy::none());
+    let summary = train::train(
+        &loaded.model,
+        &loaded.params,
+        &mut data,
+        &ckpt,
+        &short_run(),
+        &dev,
+    )?;
+    let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
+    assert!(last < first, "loss {first} -> {last}");
+    Ok(())
+}
+
+/// The `loss A -> B` line of a `qwen2-moe train` run.
+fn first_and_last_loss(stdout: &str) -> Option<(f32, f32)> {
+    let line = stdout.lines().find(|l| l.starts_with("loss "))?;
+    let mut words = line.split_whitespace();
+    let first = words.nth(1)?.parse().ok()?;
+    let last = words.nth(1)?.parse().ok()?;
+    Some((first, last))
+}
+
+#[test]
+fn the_cli_trains_the_fixture_and_verifies_it() -> TestResult {
+    let bin = env!("CARGO_BIN_EXE_qwen2-moe");
+    let dir = fixture();
+    let dir = dir.to_str().ok_or("fixture path is not UTF-8")?;
+    let out = std::process::Command::new(bin)
+        .args(["train", "--model", dir, "--steps", "8", "--batch", "4"])
+        .args(["--seq-len", "32", "--warmup", "1"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (first, last) = first_and_last_loss(&stdout).ok_or(format!("no loss line:\n{stdout}"))?;
+    assert!(last < first - 0.1, "loss {first} -> {last}");
+
+    let out = std::process::Command::new(bin)
+        .args(["verify", "--model", dir])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("every mode within tolerance"), "{stdout}");
+    // none, recompute, segments of 2, offload-host, offload-disk, a disk budget
+    let modes = stdout.lines().filter(|l| l.ends_with(": ok")).count();
+    assert_eq!(modes, 6, "{stdout}");
+    Ok(())
+}
