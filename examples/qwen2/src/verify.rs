@@ -33,6 +33,26 @@ pub struct Check {
 }
 
 impl Check {
+    /// Compares `ours` with `reference` under `tolerance`, as `name`.
+    ///
+    /// # Errors
+    /// [`Error::Data`] when the shapes differ (the reference was made for another model).
+    pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: f64) -> Result<Self> {
+        if ours.dims() != reference.dims() {
+            return Err(Error::Data(format!(
+                "`{name}`: ours has shape {:?}, the reference {:?}; the reference was made for \
+                 another model or configuration",
+                ours.dims(),
+                reference.dims()
+            )));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            rel_err: rel_err(ours, reference)?,
+            tolerance,
+        })
+    }
+
     /// Whether the tensor is within its tolerance.
     #[must_use]
     pub fn passed(&self) -> bool {
@@ -142,15 +162,15 @@ pub fn verify(
     let grads = ckpt.backward(&loss)?;
 
     let mut checks = vec![
-        check("logits", &logits, get("logits")?, OUTPUT_TOLERANCE)?,
-        check("loss", &loss.reshape(1)?, get("loss")?, OUTPUT_TOLERANCE)?,
+        Check::compare("logits", &logits, get("logits")?, OUTPUT_TOLERANCE)?,
+        Check::compare("loss", &loss.reshape(1)?, get("loss")?, OUTPUT_TOLERANCE)?,
     ];
     let ours: HashMap<&str, _> = loaded.params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     for (name, var) in &loaded.params {
         let key = format!("grad.{name}");
         let reference_grad = get(&key)?;
         checks.push(match grads.get(var.as_tensor()) {
-            Some(g) => check(&key, g, reference_grad, GRAD_TOLERANCE)?,
+            Some(g) => Check::compare(&key, g, reference_grad, GRAD_TOLERANCE)?,
             // A parameter without a gradient fails its check rather than the whole run.
             None => Check {
                 name: key,
@@ -176,22 +196,6 @@ pub fn verify(
     Ok(Report {
         mode: ckpt.mode(),
         checks,
-    })
-}
-
-fn check(name: &str, ours: &Tensor, reference: &Tensor, tolerance: f64) -> Result<Check> {
-    if ours.dims() != reference.dims() {
-        return Err(Error::Data(format!(
-            "`{name}`: ours has shape {:?}, the reference {:?}; the reference was made for \
-             another model or configuration",
-            ours.dims(),
-            reference.dims()
-        )));
-    }
-    Ok(Check {
-        name: name.to_owned(),
-        rel_err: rel_err(ours, reference)?,
-        tolerance,
     })
 }
 
