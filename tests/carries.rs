@@ -371,6 +371,39 @@ fn recompute_keeps_only_packed_boundaries_and_recomputes() -> Result<()> {
 }
 
 #[test]
+fn each_boundary_holds_one_carry_and_at_most_one_layers_auxiliary_outputs() -> Result<()> {
+    let (model, xs) = setup(6)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let out = ckpt
+        .run_stack_outputs(
+            &[xs.as_tensor().clone()],
+            model
+                .routed
+                .iter()
+                .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
+        )
+        .map_err(candle_core::Error::from)?;
+    let stats = ckpt.take_stats();
+    let (carry, logits) = (xs.elem_count(), out.aux[0][0].elem_count());
+    assert_eq!(stats.segments, 6, "one boundary per layer");
+    // The first boundary is the carry; each later one, the carry and the previous layer's
+    // router logits: growing with depth would mean every boundary re-holds earlier layers'.
+    let f32_bytes = 4;
+    let expected = f32_bytes * (carry + 5 * (carry + logits));
+    assert_eq!(
+        stats.device_bytes,
+        u64::try_from(expected).unwrap_or(u64::MAX)
+    );
+    // And the auxiliary outputs still carry their gradients back into their layers.
+    let l = loss(&out.carry[0], &out.aux.concat())?;
+    let grads = ckpt.backward(&l)?;
+    for layer in &model.routed {
+        assert!(grads.get(layer.router.as_tensor()).is_some());
+    }
+    Ok(())
+}
+
+#[test]
 fn an_auxiliary_output_of_another_dtype_is_refused_naming_the_layer() -> Result<()> {
     #[checkpointable]
     #[derive(Clone)]

@@ -5,7 +5,15 @@
 //! segments from their saved boundaries. The boundaries therefore live wherever the engine put
 //! them, not in candle's graph. The anchor is a one-element `Var`: without a tracked operand,
 //! candle records nothing and the backward (with every parameter gradient) would never run.
+//!
+//! A stack may also hand back part of each layer's output ([`Tap`]): a [`TapOp`] node per layer,
+//! reading the stack's node, gives out that part. Being consumers of the stack's node, the tap
+//! nodes run their backward before it, and leave their gradients in [`TapGrads`]; the stack's
+//! backward then seeds each recomputed layer's tapped part with its gradient, beside the
+//! segment's output gradient.
 
+use std::mem;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -31,6 +39,9 @@ pub(crate) struct Stack<L, K> {
     pub(crate) saved: Vec<Kept>,
     /// The stack's random key: recomputation draws what the forward drew.
     pub(crate) key: StackKey,
+    /// The part of each layer's output the stack hands back, and where the gradients of those
+    /// parts arrive.
+    pub(crate) tap: Option<(Tap, Arc<TapGrads>)>,
 }
 
 /// What one segment keeps between its forward and its backward.
@@ -40,6 +51,38 @@ pub(crate) struct Kept {
     /// The forward's fingerprint of each layer output of a recomputed segment (none for a
     /// segment that keeps its graph).
     pub(crate) prints: Vec<Fingerprint>,
+    /// The tapped parts of the layers' outputs of a segment that keeps its graph, in its graph
+    /// (none for a recomputed segment: recomputation taps them again).
+    pub(crate) taps: Vec<Tensor>,
+}
+
+/// The part of each layer's output that a stack also hands back: the elements from `from` on
+/// of the layer's 1-D output. Stacks of [`MultiLayer`](crate::MultiLayer)s tap their layers'
+/// auxiliary outputs this way (see `outputs.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tap {
+    pub(crate) from: usize,
+}
+
+impl Tap {
+    /// The tapped part of `out`, a view in its graph.
+    fn part(self, out: &Tensor) -> candle_core::Result<Tensor> {
+        let len = out.dim(0)?.checked_sub(self.from).ok_or_else(|| {
+            candle_core::Error::msg(format!(
+                "a tapped layer output has {} elements, fewer than the {} its carry takes",
+                out.elem_count(),
+                self.from
+            ))
+        })?;
+        out.narrow(0, self.from, len)
+    }
+}
+
+/// A segment's output and the tapped parts of its layers' outputs.
+pub(crate) struct Ran {
+    pub(crate) output: Tensor,
+    /// One per layer of the segment when the stack taps its layers, else empty.
+    pub(crate) taps: Vec<Tensor>,
 }
 
 /// What [`run_segment`] does with each layer's output.
@@ -54,7 +97,9 @@ pub(crate) enum Outputs<'a> {
 }
 
 /// Runs `calls[seg]` on `input`, each layer inside its invocation of `key` (its random
-/// draws), naming the failing layer in the error.
+/// draws), naming the failing layer in the error. With a `tap`, each layer's tapped part comes
+/// back too: in the graph when the outputs keep theirs, else a detached copy (a view would keep
+/// the whole output alive).
 pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
     calls: &[(L, K)],
     seg: Segment,
@@ -62,21 +107,31 @@ pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
     key: StackKey,
     mode: Mode,
     mut outputs: Outputs<'_>,
-) -> crate::Result<Tensor> {
+    tap: Option<Tap>,
+) -> crate::Result<Ran> {
     let phase = match outputs {
         Outputs::Verify(_) => "recompute",
         Outputs::Keep | Outputs::Record(..) => "forward",
     };
     let mut hidden = input.clone();
+    let mut taps = Vec::new();
     for (index, (layer, kwargs)) in calls.iter().enumerate().take(seg.end).skip(seg.start) {
+        let layer_error = |source| Error::Layer {
+            layer: describe::<L, K>(index),
+            phase,
+            mode,
+            source: Box::new(source),
+        };
         let out = key
             .invoke(index, || layer.forward_checkpointed(&hidden, kwargs))
-            .map_err(|source| Error::Layer {
-                layer: describe::<L, K>(index),
-                phase,
-                mode,
-                source: Box::new(source),
-            })?;
+            .map_err(layer_error)?;
+        if let Some(tap) = tap {
+            let part = tap.part(&out).map_err(layer_error)?;
+            taps.push(match outputs {
+                Outputs::Record(..) => part.force_contiguous()?.detach(),
+                Outputs::Keep | Outputs::Verify(_) => part,
+            });
+        }
         hidden = match &mut outputs {
             Outputs::Keep => out,
             Outputs::Record(prints, check) => {
@@ -97,7 +152,10 @@ pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
             }
         };
     }
-    Ok(hidden)
+    Ok(Ran {
+        output: hidden,
+        taps,
+    })
 }
 
 /// The stack's node in candle's graph.
@@ -110,33 +168,6 @@ pub(crate) struct StackOp<L, K> {
 }
 
 impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
-    fn take_output(&self) -> candle_core::Result<Tensor> {
-        lock(&self.output)
-            .take()
-            .ok_or_else(|| candle_core::Error::msg("checkpoint stack output was already taken"))
-    }
-
-    /// The output's storage, copied into a fresh buffer of the backend that asked for it.
-    fn forward_copy<S>(
-        &self,
-        pick: impl Fn(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)>
-    where
-        S: BackendStorage,
-        S::Device: BackendDevice<Storage = S>,
-    {
-        let output = self.take_output()?;
-        let (storage, layout) = output.storage_and_layout();
-        let src = pick(&storage).ok_or_else(|| {
-            candle_core::Error::msg(
-                "the output of a checkpointed stack lives on another device than its input: \
-                 every layer of a stack must keep the carry on the device it came in on; move \
-                 it between devices outside the stack",
-            )
-        })?;
-        Ok((copy_contiguous(src, layout)?, layout.shape().clone()))
-    }
-
     fn backward(&self, grad: &Tensor) -> crate::Result<Tensor> {
         // Outside `Checkpointer::backward`, the parameter gradients would reach no store.
         self.shared.ensure_collecting(|| describe::<L, K>(0))?;
@@ -152,7 +183,18 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                 Error::BackwardTwice { layer, mode }
             }
         })?;
-        let Stack { calls, saved, key } = stack;
+        let Stack {
+            calls,
+            saved,
+            key,
+            tap,
+        } = stack;
+        // Every tap node ran its backward before this one (they read this node's output).
+        let mut tap_grads = tap
+            .as_ref()
+            .map(|(_, grads)| mem::take(&mut *lock(&grads.grads)))
+            .unwrap_or_default();
+        let tap = tap.map(|(tap, _)| tap);
         // The boundaries, in the order this backward takes them (disk files are loaded ahead).
         let readers = self
             .shared
@@ -163,9 +205,15 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
             }))?;
         let mut grad = grad.clone();
         let mut segments = saved.into_iter().rev().peekable();
-        while let Some(Kept { seg, saved, prints }) = segments.next() {
-            let (input, output) = match saved {
-                Saved::Graph { input, output } => (input, output),
+        while let Some(Kept {
+            seg,
+            saved,
+            prints,
+            taps,
+        }) = segments.next()
+        {
+            let (input, Ran { output, taps }) = match saved {
+                Saved::Graph { input, output } => (input, Ran { output, taps }),
                 Saved::Boundary(boundary) => {
                     let layer = describe::<L, K>(seg.start);
                     let boundary = self.shared.fetch(boundary, &readers, &layer)?;
@@ -183,13 +231,20 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                     let input = Var::from_tensor(&boundary)?;
                     drop(boundary);
                     let verify = Outputs::Verify(&prints);
-                    let output = run_segment(&calls, seg, input.as_tensor(), key, mode, verify)?;
+                    let ran = run_segment(&calls, seg, input.as_tensor(), key, mode, verify, tap)?;
                     self.shared.stats_mut().recompute += started.elapsed();
-                    (input, output)
+                    (input, ran)
                 }
             };
-            let grads = output.apply_op1(Seed(grad))?.backward()?;
-            for node in output.sorted_nodes() {
+            // One backward from the segment's output and from every tapped part the loss uses.
+            let mut root = output.apply_op1(Seed(grad))?;
+            for (part, index) in taps.iter().zip(seg.start..) {
+                if let Some(g) = tap_grads.get_mut(index).and_then(Option::take) {
+                    root = (root + part.apply_op1(Seed(g))?)?;
+                }
+            }
+            let grads = root.backward()?;
+            for node in root.sorted_nodes() {
                 if node.is_variable()
                     && node.id() != input.as_tensor().id()
                     && let Some(g) = grads.get(node)
@@ -219,7 +274,7 @@ impl<L: Layer<K>, K: Kwargs> CustomOp2 for StackOp<L, K> {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward_copy(|s| match s {
+        hand_out(&self.output, |s| match s {
             Storage::Cpu(s) => Some(s),
             _ => None,
         })
@@ -232,7 +287,7 @@ impl<L: Layer<K>, K: Kwargs> CustomOp2 for StackOp<L, K> {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.forward_copy(|s| match s {
+        hand_out(&self.output, |s| match s {
             Storage::Cuda(s) => Some(s),
             _ => None,
         })
@@ -249,6 +304,95 @@ impl<L: Layer<K>, K: Kwargs> CustomOp2 for StackOp<L, K> {
             // The anchor is ours: it gets no gradient, and so never shows in a store.
             Ok(input_grad) => Ok((Some(input_grad), None)),
             Err(err) => Err(self.shared.fail(err)),
+        }
+    }
+}
+
+/// Takes the tensor a node precomputed (a stack's output, a tapped part) out of `slot`, and
+/// copies its storage into a fresh buffer of the backend that asked for it.
+fn hand_out<S>(
+    slot: &Mutex<Option<Tensor>>,
+    pick: impl Fn(&Storage) -> Option<&S>,
+) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let output = lock(slot)
+        .take()
+        .ok_or_else(|| candle_core::Error::msg("checkpoint stack output was already taken"))?;
+    let (storage, layout) = output.storage_and_layout();
+    let src = pick(&storage).ok_or_else(|| {
+        candle_core::Error::msg(
+            "the output of a checkpointed stack lives on another device than its input: \
+             every layer of a stack must keep the carry on the device it came in on; move \
+             it between devices outside the stack",
+        )
+    })?;
+    Ok((copy_contiguous(src, layout)?, layout.shape().clone()))
+}
+
+/// Where the gradients of a stack's tapped parts wait for the stack's backward.
+pub(crate) struct TapGrads {
+    /// Per layer, the gradient of its tapped part, if the loss reaches it.
+    grads: Mutex<Vec<Option<Tensor>>>,
+    /// Whether a tap node gave the stack's output its (zero) gradient already.
+    zero_given: AtomicBool,
+}
+
+impl TapGrads {
+    pub(crate) fn new(layers: usize) -> Self {
+        Self {
+            grads: Mutex::new(vec![None; layers]),
+            zero_given: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A stack's node in candle's graph for the tapped part of layer `index`'s output: it reads the
+/// stack's output (so that its backward runs first) and hands out the part the forward tapped.
+pub(crate) struct TapOp {
+    pub(crate) index: usize,
+    pub(crate) part: Mutex<Option<Tensor>>,
+    pub(crate) grads: Arc<TapGrads>,
+}
+
+impl CustomOp1 for TapOp {
+    fn name(&self) -> &'static str {
+        "checkpoint-tap"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        hand_out(&self.part, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        hand_out(&self.part, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        stack_output: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if let Some(slot) = lock(&self.grads.grads).get_mut(self.index) {
+            *slot = Some(grad.detach());
+        }
+        // candle requires a gradient for every node it visits, the stack's output included,
+        // even if the loss reaches it only through taps: the first tap gives a zero one, as a
+        // broadcast scalar rather than a buffer the size of the output.
+        if self.grads.zero_given.swap(true, Ordering::SeqCst) {
+            Ok(None)
+        } else {
+            let zero = Tensor::zeros((), stack_output.dtype(), stack_output.device())?;
+            Ok(Some(zero.broadcast_as(stack_output.shape())?))
         }
     }
 }

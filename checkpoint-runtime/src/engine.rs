@@ -13,7 +13,7 @@ use candle_nn::Optimizer;
 
 use std::time::Instant;
 
-use crate::autograd::{Kept, Outputs, Stack, StackOp, run_segment};
+use crate::autograd::{Kept, Outputs, Ran, Stack, StackOp, Tap, TapGrads, TapOp, run_segment};
 use crate::budget::{BudgetPlan, LayerCost, graph_bytes, plan_budget};
 use crate::error::{Error, Result};
 use crate::layer::{Kwargs, Layer, describe};
@@ -421,6 +421,23 @@ impl Checkpointer {
         K: Kwargs,
         I: IntoIterator<Item = (&'a L, K)>,
     {
+        Ok(self.run_tapped(carry, calls, None)?.output)
+    }
+
+    /// [`run_stack`](Self::run_stack), also handing back the `tap`ped part of every layer's
+    /// output (one per layer, in [`Ran::taps`]), each in candle's graph: gradients reaching a
+    /// part flow back into its layer, recomputed or not.
+    pub(crate) fn run_tapped<'a, L, K, I>(
+        &self,
+        carry: &Tensor,
+        calls: I,
+        tap: Option<Tap>,
+    ) -> Result<Ran>
+    where
+        L: Layer<K>,
+        K: Kwargs,
+        I: IntoIterator<Item = (&'a L, K)>,
+    {
         let shared = &self.shared;
         // A stack run while a recomputed segment runs (a stack nested in a layer) belongs to
         // that backward, whose gradients are being collected: they are not left over.
@@ -445,7 +462,7 @@ impl Checkpointer {
                 end: calls.len(),
                 placement: Placement::Graph,
             };
-            return run_segment(&calls, whole, carry, key, mode, Outputs::Keep);
+            return run_segment(&calls, whole, carry, key, mode, Outputs::Keep, tap);
         }
         if !carry.dtype().is_float() {
             return Err(Error::Config(format!(
@@ -461,33 +478,70 @@ impl Checkpointer {
         let check = shared.policy.recompute_check();
         let mut hidden = carry.detach();
         let mut saved = Vec::with_capacity(plan.len());
+        // The tapped parts' values, handed out by the tap nodes below.
+        let mut parts = Vec::new();
         for seg in plan {
             let mut prints = Vec::new();
-            let kept = if seg.placement == Placement::Graph {
+            let (kept, taps) = if seg.placement == Placement::Graph {
                 let input = Var::from_tensor(&hidden)?;
-                let output = run_segment(&calls, seg, input.as_tensor(), key, mode, Outputs::Keep)?;
-                hidden = output.detach();
-                Saved::Graph { input, output }
+                let ran = run_segment(
+                    &calls,
+                    seg,
+                    input.as_tensor(),
+                    key,
+                    mode,
+                    Outputs::Keep,
+                    tap,
+                )?;
+                hidden = ran.output.detach();
+                parts.extend(ran.taps.iter().map(Tensor::detach));
+                let output = ran.output;
+                (Saved::Graph { input, output }, ran.taps)
             } else {
                 let boundary = shared.store(&hidden, seg, &describe::<L, K>(seg.start))?;
                 let record = Outputs::Record(&mut prints, check);
-                hidden = run_segment(&calls, seg, &hidden, key, mode, record)?;
-                Saved::Boundary(boundary)
+                let ran = run_segment(&calls, seg, &hidden, key, mode, record, tap)?;
+                hidden = ran.output;
+                parts.extend(ran.taps);
+                (Saved::Boundary(boundary), Vec::new())
             };
             saved.push(Kept {
                 seg,
                 saved: kept,
                 prints,
+                taps,
             });
         }
 
         let anchor = Var::zeros(1, carry.dtype(), carry.device())?;
+        let tap_grads = tap.map(|tap| (tap, Arc::new(TapGrads::new(calls.len()))));
+        let grads = tap_grads.as_ref().map(|(_, grads)| Arc::clone(grads));
         let op = StackOp {
             shared: Arc::clone(shared),
             output: Mutex::new(Some(hidden)),
-            stack: Mutex::new(Some(Stack { calls, saved, key })),
+            stack: Mutex::new(Some(Stack {
+                calls,
+                saved,
+                key,
+                tap: tap_grads,
+            })),
         };
-        Ok(carry.apply_op2(anchor.as_tensor(), op)?)
+        let output = carry.apply_op2(anchor.as_tensor(), op)?;
+        let taps = match grads {
+            None => Vec::new(),
+            Some(grads) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(index, part)| {
+                    output.apply_op1(TapOp {
+                        index,
+                        part: Mutex::new(Some(part)),
+                        grads: Arc::clone(&grads),
+                    })
+                })
+                .collect::<candle_core::Result<_>>()?,
+        };
+        Ok(Ran { output, taps })
     }
 
     /// The budget plan for `calls` on `carry`: its bucket's plan (see [`PlanKey`]), probing the

@@ -2,18 +2,19 @@
 //!
 //! The engine checkpoints one tensor per boundary. A stack whose layers carry several tensors
 //! (`(hidden, residual)`) or also return auxiliary outputs (a MoE layer's router logits) runs
-//! through it packed: the carry tensors, flattened and concatenated into one 1-D tensor, are
-//! what the engine keeps, and each layer appends its auxiliary outputs to that packed tensor,
-//! after those of the layers before it. At the end the packed output is split again into the
-//! carry and each layer's auxiliary outputs. Packing and splitting are copies, so values and
-//! gradients stay those of the plain graph, bit for bit; the cost is that each boundary also
-//! holds the auxiliary outputs of the layers before it, which suits small ones (router logits:
-//! `(tokens, experts)` per layer).
-
+//! through it packed: each layer's output is one 1-D tensor, its carry tensors flattened and
+//! concatenated, followed by its own auxiliary outputs; the next layer reads the carry from the
+//! front and ignores the rest. The engine hands back the part after the carry of every layer's
+//! output (its *tap*, see `autograd.rs`), from which the auxiliary outputs are split again, and
+//! gradients reaching them flow back into that layer's recomputation. So a boundary holds one
+//! carry and at most one layer's auxiliary outputs, and each auxiliary output is copied once in
+//! the forward (and once more for recomputation). Packing and splitting are copies, so values
+//! and gradients stay those of the plain graph, bit for bit.
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Shape, Tensor};
 
+use crate::autograd::Tap;
 use crate::engine::Checkpointer;
 use crate::error::{Error, Result};
 use crate::layer::{Kwargs, Layer};
@@ -79,13 +80,8 @@ impl<L: MultiLayer<K>, K: Kwargs> Layer<PackedKwargs<K>> for Packed<L> {
         packed: &Tensor,
         kw: &PackedKwargs<K>,
     ) -> candle_core::Result<Tensor> {
-        let mut offset = 0;
-        let mut carry = Vec::with_capacity(kw.carry.len());
-        for shape in kw.carry.iter() {
-            let n = shape.elem_count();
-            carry.push(packed.narrow(0, offset, n)?.reshape(shape)?);
-            offset += n;
-        }
+        // The carry, from the front; the previous layer's auxiliary outputs follow it.
+        let carry = split(packed, &kw.carry)?;
         let outputs = self.0.forward_outputs(&carry, &kw.kwargs)?;
         if outputs.len() < carry.len() {
             return Err(candle_core::Error::msg(format!(
@@ -96,7 +92,7 @@ impl<L: MultiLayer<K>, K: Kwargs> Layer<PackedKwargs<K>> for Packed<L> {
             )));
         }
         let (new_carry, aux) = outputs.split_at(carry.len());
-        let mut pieces = Vec::with_capacity(outputs.len() + 1);
+        let mut pieces = Vec::with_capacity(outputs.len());
         for (i, (out, shape)) in new_carry.iter().zip(kw.carry.iter()).enumerate() {
             if out.shape() != shape {
                 return Err(candle_core::Error::msg(format!(
@@ -107,11 +103,6 @@ impl<L: MultiLayer<K>, K: Kwargs> Layer<PackedKwargs<K>> for Packed<L> {
             }
             pieces.push(same_kind(out, packed, "carry output", i)?.flatten_all()?);
         }
-        let total = packed.dim(0)?;
-        if total > offset {
-            // The auxiliary outputs of the layers before this one, passed on unchanged.
-            pieces.push(packed.narrow(0, offset, total - offset)?);
-        }
         let mut shapes = Vec::with_capacity(aux.len());
         for (i, out) in aux.iter().enumerate() {
             shapes.push(out.shape().clone());
@@ -120,6 +111,18 @@ impl<L: MultiLayer<K>, K: Kwargs> Layer<PackedKwargs<K>> for Packed<L> {
         *lock(&kw.aux) = shapes;
         Tensor::cat(&pieces, 0)
     }
+}
+
+/// The tensors of `shapes`, in order, from the front of the 1-D `packed`.
+fn split(packed: &Tensor, shapes: &[Shape]) -> candle_core::Result<Vec<Tensor>> {
+    let mut offset = 0;
+    let mut tensors = Vec::with_capacity(shapes.len());
+    for shape in shapes {
+        let n = shape.elem_count();
+        tensors.push(packed.narrow(0, offset, n)?.reshape(shape)?);
+        offset += n;
+    }
+    Ok(tensors)
 }
 
 /// `out`, if it has the packed carry's dtype and device (one packed tensor holds them all).
@@ -222,6 +225,7 @@ impl Checkpointer {
             }
         }
         let shapes: Arc<[Shape]> = carry.iter().map(|c| c.shape().clone()).collect();
+        let carry_len = shapes.iter().map(Shape::elem_count).sum();
         let mut layers = Vec::new();
         let mut kwargs = Vec::new();
         let mut records = Vec::new();
@@ -240,21 +244,16 @@ impl Checkpointer {
             .map(Tensor::flatten_all)
             .collect::<candle_core::Result<Vec<_>>>()?;
         let packed = Tensor::cat(&flat, 0)?;
-        let packed = self.run_stack(&packed, layers.iter().zip(kwargs))?;
+        let tap = Tap { from: carry_len };
+        let ran = self.run_tapped(&packed, layers.iter().zip(kwargs), Some(tap))?;
         drop(layers);
 
-        let mut offset = 0;
-        let mut take = |shape: &Shape| -> Result<Tensor> {
-            let n = shape.elem_count();
-            let t = packed.narrow(0, offset, n)?.reshape(shape)?;
-            offset += n;
-            Ok(t)
-        };
-        let carry = shapes.iter().map(&mut take).collect::<Result<Vec<_>>>()?;
+        let carry = split(&ran.output, &shapes)?;
         let aux = records
             .iter()
-            .map(|record| lock(record).iter().map(&mut take).collect())
-            .collect::<Result<Vec<_>>>()?;
+            .zip(&ran.taps)
+            .map(|(record, part)| split(part, &lock(record)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(StackOutputs { carry, aux })
     }
 }
