@@ -5,10 +5,11 @@
 //! [`model`] → [`loss`]; then [`loader`] (checkpoints into trainable variables), [`save`] (and
 //! back out), [`lora`] and [`adapter`] (LoRA updates on a frozen base, PEFT adapter
 //! directories), [`state`] (the optimizer and sampler, to resume a run), [`tokenizer`] (the
-//! checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat
-//! templates and assistant-only labels), [`data`] (text and JSONL files into labelled batches,
-//! an eval split), [`threads`] (how candle's CPU thread pools share the cores), [`train`] and [`verify`] (parity against a reference file); [`bench`](mod@bench)
-//! times one full training step.
+//! checkpoint's `tokenizer.json`, or bytes), [`chat`] (chat templates and assistant-only
+//! labels), [`data`] (text and JSONL files into labelled batches, an eval split), [`threads`]
+//! (how candle's CPU thread pools share the cores), [`train`] and [`verify`] (parity against a
+//! reference file); [`cli`] holds what the binaries share on their command lines, and
+//! [`bench`](mod@bench) times one full training step.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -31,6 +32,7 @@ pub mod adapter;
 pub mod attention;
 pub mod bench;
 pub mod chat;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -18,16 +18,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
-use checkpoint_runtime::{DiskConfig, Mode};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 
 use qwen2::chat::ChatTemplate;
+use qwen2::cli::{self, PolicyArgs};
 use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
 use qwen2::loader::{Loaded, LoraInit};
 use qwen2::lora::{LoraConfig, Target};
 use qwen2::tokenizer::Tokenizer;
-use qwen2::train::{CheckpointOptions, StepView, TrainConfig};
+use qwen2::train::{StepView, TrainConfig};
 use qwen2::{Config, Error, Result, loader};
 
 #[derive(Debug, Parser)]
@@ -45,58 +45,6 @@ enum Command {
     /// Compare logits, loss and every gradient with a reference file; non-zero exit above
     /// tolerance.
     Verify(VerifyArgs),
-}
-
-#[derive(Debug, Args)]
-struct PolicyArgs {
-    /// none | recompute | offload-host | offload-disk
-    #[arg(long, default_value = "recompute")]
-    checkpoint: Mode,
-    /// Layers per checkpointed segment (only each segment's input is kept).
-    #[arg(long, default_value_t = 1)]
-    segment: usize,
-    /// Checkpoint only the first N layers; the rest keep their graph.
-    #[arg(long)]
-    first: Option<usize>,
-    /// Offload modes: keep the boundaries of the last N segments on the device (backward needs
-    /// them first).
-    #[arg(long, default_value_t = 0)]
-    keep_last: usize,
-    /// Memory budget (MiB) for what the layer stack keeps between forward and backward: the
-    /// engine measures each layer on the first step and keeps, recomputes or offloads (within
-    /// the mode) per layer; prints its plan. Replaces --segment, --first and --keep-last.
-    #[arg(long, value_name = "MIB")]
-    budget_mib: Option<u64>,
-    /// offload-disk: the directory under which the engine creates its private (0700) directory
-    /// [default: the system temp dir].
-    #[arg(long, value_name = "DIR")]
-    offload_dir: Option<PathBuf>,
-    /// offload-disk: boundaries read ahead of the backward pass.
-    #[arg(long, default_value_t = DiskConfig::default().prefetch)]
-    prefetch: usize,
-}
-
-impl PolicyArgs {
-    fn options(&self) -> Result<CheckpointOptions> {
-        let budget = self
-            .budget_mib
-            .map(|mib| {
-                mib.checked_mul(1 << 20)
-                    .ok_or_else(|| Error::Data(format!("--budget-mib {mib}: too large")))
-            })
-            .transpose()?;
-        let options = CheckpointOptions {
-            mode: self.checkpoint,
-            segment: self.segment,
-            first: self.first,
-            keep_last: self.keep_last,
-            budget,
-            offload_dir: self.offload_dir.clone(),
-            prefetch: self.prefetch,
-        };
-        options.policy()?; // reject options that do not apply before loading anything
-        Ok(options)
-    }
 }
 
 #[derive(Debug, Args)]
@@ -335,43 +283,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// The GPU with `--features cuda`, the CPU otherwise.
-fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        Device::new_cuda(0).map_err(|e| {
-            Error::Data(format!(
-                "built with --features cuda, but CUDA device 0 is unusable: {e}"
-            ))
-        })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok(Device::Cpu)
-    }
-}
-
-fn parse_dtype(arg: Option<&str>, device: &Device) -> Result<DType> {
-    match arg {
-        None if device.is_cuda() => Ok(DType::BF16),
-        None => Ok(DType::F32),
-        Some("f32") => Ok(DType::F32),
-        Some("bf16") => Ok(DType::BF16),
-        Some("f16") => Ok(DType::F16),
-        Some(other) => Err(Error::Data(format!(
-            "--dtype {other}: expected f32, bf16 or f16"
-        ))),
-    }
-}
-
 fn run_train(args: &TrainArgs) -> Result<()> {
     let options = args.policy.options()?;
     let lora = args.lora.setup(args.seed)?;
     if let Some(dir) = &args.save {
         qwen2::save::prepare(dir)?;
     }
-    let device = device()?;
-    let dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    let device = cli::device()?;
+    let dtype = cli::parse_dtype(args.dtype.as_deref(), &device)?;
     let shaping = args.shaping(dtype);
     let resume = match &args.resume {
         Some(dir) => {
@@ -587,7 +506,7 @@ fn save_model(dir: &std::path::Path, loaded: &Loaded, args: &TrainArgs) -> Resul
 
 fn run_verify(args: &VerifyArgs) -> Result<()> {
     let options = args.policy.options()?;
-    let device = device()?;
+    let device = cli::device()?;
     let ckpt = options.checkpointer()?;
     let report = qwen2::verify::verify(&args.model, &args.reference, &ckpt, &device)?;
     println!("checkpoint {options}");

@@ -3,18 +3,23 @@
 //!
 //! ```text
 //! qwen2-moe train                                 # small random-init model on the bundled text
-//! qwen2-moe train --model DIR --steps 20          # a checkpoint (bytes folded into its vocabulary)
+//! qwen2-moe train --model DIR --data chat.jsonl   # DIR's tokenizer.json tokenizes the data
+//! qwen2-moe train --model DIR --bytes --steps 20  # no tokenizer: bytes (folded into a small vocab)
+//! qwen2-moe train --checkpoint offload-disk --budget-mib 1
 //! qwen2-moe verify --model DIR [--reference FILE] # parity in every checkpoint mode
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use checkpoint_runtime::Mode;
 use clap::{Args, Parser, Subcommand};
 use qwen2::Result;
-use qwen2::data::BUNDLED_TEXT;
+use qwen2::chat::ChatTemplate;
+use qwen2::cli::{self, PolicyArgs};
+use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
+use qwen2::tokenizer::Tokenizer;
 use qwen2::train::{CheckpointOptions, TrainConfig};
 use qwen2_moe::{Config, loader, train, verify};
 
@@ -27,7 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train on the bundled public-domain chapter (bytes, folded into the vocabulary).
+    /// Train on a text or JSONL file (the bundled public-domain chapter by default), tokenized
+    /// with the checkpoint's tokenizer (bytes for the random-init model).
     Train(TrainArgs),
     /// Compare logits, load-balancing loss, loss and every gradient with a reference file in
     /// every checkpoint mode; non-zero exit above tolerance.
@@ -36,12 +42,23 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct TrainArgs {
-    /// A Hugging Face Qwen2-MoE checkpoint directory; default: a small random-init model.
+    /// A Hugging Face Qwen2-MoE checkpoint directory (config.json, safetensors, tokenizer.json;
+    /// tokenizer_config.json's chat_template for chat data); default: a small random-init model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// none | recompute | offload-host | offload-disk
-    #[arg(long, default_value = "recompute")]
-    checkpoint: Mode,
+    /// Plain text, or JSONL of {"text": ..} or {"messages": [..]} lines (chats rendered with the
+    /// checkpoint's chat template, loss on the assistant's tokens) [default: the bundled text].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Train on byte ids instead of the checkpoint's tokenizer (the default without --model);
+    /// folded into the vocabulary if it has fewer than 256 tokens.
+    #[arg(long)]
+    bytes: bool,
+    /// f32 | bf16 | f16 [default: bf16 on a GPU, f32 on the CPU].
+    #[arg(long)]
+    dtype: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     #[arg(long, default_value_t = 30)]
     steps: usize,
     /// Longest row, in tokens.
@@ -88,18 +105,43 @@ fn main() -> ExitCode {
 }
 
 fn run_train(args: &TrainArgs) -> Result<()> {
-    let device = Device::Cpu;
-    let options = CheckpointOptions::new(args.checkpoint);
+    let options = args.policy.options()?;
     let ckpt = options.checkpointer()?;
+    let device = cli::device()?;
+    let dtype = cli::parse_dtype(args.dtype.as_deref(), &device)?;
+    // The tokenizer before the weights: a checkpoint without one fails at once.
+    let (tokenizer, template) = match &args.model {
+        Some(dir) if !args.bytes => (Tokenizer::from_dir(dir)?, ChatTemplate::from_dir(dir)?),
+        _ => (Tokenizer::bytes(), None),
+    };
     let loaded = match &args.model {
-        Some(dir) => loader::load(dir, DType::F32, &device)?,
-        None => loader::random(&Config::tiny_bytes(), args.seed, DType::F32, &device)?,
+        Some(dir) => loader::load(dir, dtype, &device)?,
+        None => loader::random(&Config::tiny_bytes(), args.seed, dtype, &device)?,
     };
     for name in &loaded.unused {
         eprintln!("warning: tensor `{name}` in the checkpoint is not used by the model");
     }
     let cfg = loaded.model.config();
-    let mut data = train::folded_bytes(BUNDLED_TEXT, args.seq_len, cfg.base.vocab_size, args.seed)?;
+    let vocab_size = cfg.base.vocab_size;
+    tokenizer.check_vocab(vocab_size)?;
+    let mut examples = match &args.data {
+        Some(path) => data::file_examples(path, &tokenizer, template.as_ref(), args.seq_len)?,
+        None => data::text_examples(BUNDLED_TEXT, &tokenizer, args.seq_len)?,
+    };
+    if tokenizer.is_bytes() && vocab_size < 256 {
+        eprintln!("note: byte ids folded into the model's {vocab_size}-token vocabulary");
+        train::fold_bytes(&mut examples, vocab_size)?;
+    }
+    let mut data = Dataset::new(
+        examples,
+        &DataOptions {
+            seq_len: args.seq_len,
+            pack: false,
+            eval_fraction: 0.0,
+            vocab_size,
+            seed: args.seed,
+        },
+    )?;
     let n_params: usize = loaded.params.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
         "model: {} ({} layers, {} experts, top {}, {n_params} parameters); checkpoint {options}",
@@ -110,6 +152,17 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         cfg.base.num_hidden_layers,
         cfg.num_experts,
         cfg.num_experts_per_tok,
+    );
+    eprintln!(
+        "device: {}, {dtype:?}; data: {} ({} rows); tokenizer: {}",
+        if device.is_cuda() { "cuda:0" } else { "cpu" },
+        args.data
+            .as_ref()
+            .map_or_else(|| "bundled text".to_owned(), |p| p.display().to_string()),
+        data.len(),
+        tokenizer
+            .path()
+            .map_or_else(|| "bytes".to_owned(), |p| p.display().to_string()),
     );
     let train_cfg = TrainConfig {
         steps: args.steps,

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use checkpoint_runtime::{Checkpointer, GradientAudit, Mode, Stats};
 use qwen2::data::{DataOptions, Dataset, Example};
+use qwen2::tokenizer::Tokenizer;
 use qwen2::train::{ClippedAdamW, ClippedAdamWConfig, TrainConfig};
 use qwen2::{Error, Result};
 
@@ -135,32 +136,42 @@ pub fn train(
     })
 }
 
-/// A training set from `text` for any vocabulary: its bytes, each folded into the vocabulary
-/// (`byte % vocab_size`; plain bytes when the vocabulary has 256 or more entries), in
-/// paragraphs (blank-line separated) cut into rows of at most `seq_len` tokens. For the small
-/// checkpoints of the tests (a 96-token vocabulary), whose tokenizer there is none of.
+/// Folds byte ids (from [`Tokenizer::bytes`](qwen2::tokenizer::Tokenizer::bytes)) into a
+/// vocabulary of fewer than 256 entries, `byte % vocab_size`, labels alike (`-100` stays): for
+/// the small checkpoints of the tests (a 96-token vocabulary), which have no tokenizer. Ids
+/// already below `vocab_size` are kept, so a vocabulary of 256 or more changes nothing.
 ///
 /// # Errors
-/// As [`Dataset::new`]: an empty text, or `seq_len` below 2.
-pub fn folded_bytes(text: &str, seq_len: usize, vocab_size: usize, seed: u64) -> Result<Dataset> {
-    if vocab_size == 0 || seq_len < 2 {
-        return Err(Error::Data(format!(
-            "folded byte data needs a vocabulary (got {vocab_size}) and rows of 2 or more \
-             tokens (got --seq-len {seq_len})"
-        )));
-    }
+/// [`Error::Data`] for an empty vocabulary.
+pub fn fold_bytes(examples: &mut [Example], vocab_size: usize) -> Result<()> {
     let vocab = u32::try_from(vocab_size).unwrap_or(u32::MAX);
-    let examples = text
-        .split("\n\n")
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .flat_map(|p| {
-            let ids: Vec<u32> = p.bytes().map(|b| u32::from(b) % vocab).collect();
-            ids.chunks(seq_len)
-                .map(|c| Example::text(c.to_vec()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    if vocab == 0 {
+        return Err(Error::Data(
+            "byte ids cannot be folded into an empty vocabulary (vocab_size 0)".into(),
+        ));
+    }
+    for example in examples {
+        for id in &mut example.ids {
+            *id %= vocab;
+        }
+        for label in &mut example.labels {
+            if *label >= 0 {
+                *label %= i64::from(vocab);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A training set from `text` for any vocabulary: its bytes, in paragraphs (blank-line
+/// separated) cut into rows of at most `seq_len` tokens, folded into the vocabulary
+/// ([`fold_bytes`]).
+///
+/// # Errors
+/// As [`Dataset::new`]: an empty text, or `seq_len` below 2; an empty vocabulary.
+pub fn folded_bytes(text: &str, seq_len: usize, vocab_size: usize, seed: u64) -> Result<Dataset> {
+    let mut examples = qwen2::data::text_examples(text, &Tokenizer::bytes(), seq_len)?;
+    fold_bytes(&mut examples, vocab_size)?;
     Dataset::new(
         examples,
         &DataOptions {

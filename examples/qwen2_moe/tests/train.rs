@@ -1,10 +1,12 @@
-//! Training the fixture checkpoint lowers its loss; the random-init model trains too.
+//! Training the fixture checkpoint lowers its loss; the random-init model trains too, on byte
+//! ids or on a real tokenizer's; the CLI asks for `--bytes` where a checkpoint has no tokenizer.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use checkpoint_runtime::{Checkpointer, Policy};
-use qwen2::data::BUNDLED_TEXT;
+use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
+use qwen2::tokenizer::Tokenizer;
 use qwen2::train::TrainConfig;
 use qwen2_moe::{Config, loader, train};
 
@@ -75,6 +77,61 @@ fn the_random_init_model_trains() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn a_model_trains_on_a_real_tokenizers_ids() -> TestResult {
+    // The Qwen2 LoRA fixture's tokenizer (384 ids): no MoE checkpoint here comes with one.
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2-lora-tiny");
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let dev = Device::Cpu;
+    let mut cfg = Config::tiny_bytes();
+    cfg.base.vocab_size = 384;
+    tokenizer.check_vocab(cfg.base.vocab_size)?;
+    let examples = data::text_examples(BUNDLED_TEXT, &tokenizer, 32)?;
+    // Real tokens, not bytes: fewer ids than the text has bytes, some beyond the byte range.
+    let ids: usize = examples.iter().map(|e| e.ids.len()).sum();
+    assert!(
+        ids < BUNDLED_TEXT.len(),
+        "{ids} ids for {} bytes",
+        BUNDLED_TEXT.len()
+    );
+    assert!(examples.iter().flat_map(|e| &e.ids).any(|&id| id >= 256));
+    let options = DataOptions {
+        seq_len: 32,
+        pack: false,
+        eval_fraction: 0.0,
+        vocab_size: cfg.base.vocab_size,
+        seed: 7,
+    };
+    let mut data = Dataset::new(examples, &options)?;
+    let loaded = loader::random(&cfg, 3, DType::F32, &dev)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let summary = train::train(
+        &loaded.model,
+        &loaded.params,
+        &mut data,
+        &ckpt,
+        &short_run(),
+        &dev,
+    )?;
+    let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
+    assert!(last < first, "loss {first} -> {last}");
+    Ok(())
+}
+
+#[test]
+fn folding_maps_bytes_into_a_small_vocabulary_and_keeps_ignored_labels() -> TestResult {
+    let mut examples = vec![data::Example {
+        ids: vec![0, 95, 96, 200, 255],
+        labels: vec![-100, 95, 96, 200, 255],
+    }];
+    train::fold_bytes(&mut examples, 96)?;
+    assert_eq!(examples[0].ids, [0, 95, 0, 8, 63]);
+    assert_eq!(examples[0].labels, [-100, 95, 0, 8, 63]);
+    assert!(train::fold_bytes(&mut examples, 0).is_err());
+    Ok(())
+}
+
 /// The `loss A -> B` line of a `qwen2-moe train` run.
 fn first_and_last_loss(stdout: &str) -> Option<(f32, f32)> {
     let line = stdout.lines().find(|l| l.starts_with("loss "))?;
@@ -89,13 +146,28 @@ fn the_cli_trains_the_fixture_and_verifies_it() -> TestResult {
     let bin = env!("CARGO_BIN_EXE_qwen2-moe");
     let dir = fixture();
     let dir = dir.to_str().ok_or("fixture path is not UTF-8")?;
+    // The fixture has no tokenizer.json: its ids are nobody's, so bytes must be asked for.
     let out = std::process::Command::new(bin)
-        .args(["train", "--model", dir, "--steps", "8", "--batch", "4"])
-        .args(["--seq-len", "32", "--warmup", "1"])
+        .args(["train", "--model", dir, "--steps", "1"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+    assert!(stderr.contains("--bytes"), "{stderr}");
+
+    let out = std::process::Command::new(bin)
+        .args([
+            "train", "--model", dir, "--bytes", "--steps", "8", "--batch", "4",
+        ])
+        .args(["--seq-len", "32", "--warmup", "1", "--segment", "2"])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("folded into the model's 96-token vocabulary"),
+        "{stderr}"
+    );
     let (first, last) = first_and_last_loss(&stdout).ok_or(format!("no loss line:\n{stdout}"))?;
     assert!(last < first - 0.1, "loss {first} -> {last}");
 
