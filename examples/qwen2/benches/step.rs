@@ -39,6 +39,7 @@ use checkpoint_tests::alloc::{self, CountingAlloc};
 use clap::Parser;
 use plotters::prelude::*;
 use qwen2::bench::{TrainStep, bench_config, random_batch};
+use qwen2::cli;
 use qwen2::train::{CheckpointOptions, peak_rss_bytes};
 use qwen2::{Error, Result, loader};
 use serde::{Deserialize, Serialize};
@@ -167,21 +168,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        Device::new_cuda(0).map_err(|e| {
-            Error::Data(format!(
-                "built with --features cuda, but CUDA device 0 is unusable: {e}"
-            ))
-        })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok(Device::Cpu)
-    }
-}
-
 fn check_args(args: &Args, device: &Device) -> Result<()> {
     let refuse = |what: &str, why: &str| Err(Error::Data(format!("{what}: {why}")));
     if args.layers.is_empty() || args.layers.contains(&0) {
@@ -227,7 +213,7 @@ fn check_args(args: &Args, device: &Device) -> Result<()> {
 
 /// Runs every configuration in a child process, then prints, writes and draws the rows.
 fn parent(args: &Args) -> Result<()> {
-    let device = device()?;
+    let device = cli::device()?;
     check_args(args, &device)?;
     let exe = std::env::current_exe().map_err(|source| io_error("the benchmark binary", source))?;
     let mut configs = Vec::new();
@@ -338,7 +324,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 /// One configuration, in this process.
 fn child(args: &Args) -> Result<Row> {
-    let device = device()?;
+    let device = cli::device()?;
     check_args(args, &device)?;
     let (layers, seq, mode, segment) =
         (args.layers[0], args.seq[0], args.modes[0], args.segments[0]);

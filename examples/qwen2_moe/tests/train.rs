@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use checkpoint_runtime::{Checkpointer, Policy};
 use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
+use qwen2::loader::Loaded;
 use qwen2::tokenizer::Tokenizer;
 use qwen2::train::TrainConfig;
-use qwen2_moe::{Config, loader, train};
+use qwen2_moe::train::Summary;
+use qwen2_moe::{Config, Qwen2Moe, loader, train};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -16,14 +18,28 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2-moe-tiny")
 }
 
-fn short_run() -> TrainConfig {
-    TrainConfig {
+/// Eight steps of `loaded` on `data` through an engine with `policy`.
+fn short_run(
+    loaded: &Loaded<Qwen2Moe>,
+    data: &mut Dataset,
+    policy: Policy,
+) -> qwen2::Result<Summary> {
+    let cfg = TrainConfig {
         steps: 8,
         batch: 4,
         lr: 3e-3,
         warmup: 1,
         ..TrainConfig::default()
-    }
+    };
+    let ckpt = Checkpointer::new(policy);
+    train::train(
+        &loaded.model,
+        &loaded.params,
+        data,
+        &ckpt,
+        &cfg,
+        &Device::Cpu,
+    )
 }
 
 #[test]
@@ -33,15 +49,7 @@ fn a_short_training_run_on_the_fixture_lowers_the_loss() -> TestResult {
     let vocab = loaded.model.config().base.vocab_size;
     let mut data = train::folded_bytes(BUNDLED_TEXT, 32, vocab, 7)?;
     // Through the engine: the router logits come out of recomputed layers.
-    let ckpt = Checkpointer::new(Policy::recompute());
-    let summary = train::train(
-        &loaded.model,
-        &loaded.params,
-        &mut data,
-        &ckpt,
-        &short_run(),
-        &dev,
-    )?;
+    let summary = short_run(&loaded, &mut data, Policy::recompute())?;
     let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
     assert!(last < first - 0.1, "loss {first} -> {last}");
     assert_eq!(
@@ -63,15 +71,7 @@ fn the_random_init_model_trains() -> TestResult {
     let cfg = Config::tiny_bytes();
     let loaded = loader::random(&cfg, 3, DType::F32, &dev)?;
     let mut data = train::folded_bytes(BUNDLED_TEXT, 32, cfg.base.vocab_size, 7)?;
-    let ckpt = Checkpointer::new(Policy::none());
-    let summary = train::train(
-        &loaded.model,
-        &loaded.params,
-        &mut data,
-        &ckpt,
-        &short_run(),
-        &dev,
-    )?;
+    let summary = short_run(&loaded, &mut data, Policy::none())?;
     let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
     assert!(last < first, "loss {first} -> {last}");
     Ok(())
@@ -105,15 +105,7 @@ fn a_model_trains_on_a_real_tokenizers_ids() -> TestResult {
     };
     let mut data = Dataset::new(examples, &options)?;
     let loaded = loader::random(&cfg, 3, DType::F32, &dev)?;
-    let ckpt = Checkpointer::new(Policy::recompute());
-    let summary = train::train(
-        &loaded.model,
-        &loaded.params,
-        &mut data,
-        &ckpt,
-        &short_run(),
-        &dev,
-    )?;
+    let summary = short_run(&loaded, &mut data, Policy::recompute())?;
     let (first, last) = (summary.losses[0], summary.losses[summary.losses.len() - 1]);
     assert!(last < first, "loss {first} -> {last}");
     Ok(())
