@@ -12,14 +12,74 @@ use crate::lora::LoraConfig;
 use crate::nn::{RmsNorm, linear};
 use crate::rope::Rope;
 
+/// The ends of a Qwen2-family causal LM, around its decoder stack: the token embedding in, the
+/// final norm and the output head out (Qwen2-MoE shares them).
+#[derive(Debug, Clone)]
+pub struct Ends {
+    embed_tokens: Embedding,
+    norm: RmsNorm,
+    lm_head: Linear,
+}
+
+impl Ends {
+    /// `vb.model.{embed_tokens, norm}` and, for an untied head, `vb.lm_head.weight`.
+    ///
+    /// # Errors
+    /// If the builder lacks a tensor or one is misshapen.
+    pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
+        let model = vb.pp("model");
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.initializer_range,
+        };
+        let embeddings = model.pp("embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            init,
+        )?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg, &model.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embeddings.clone(), None)
+        } else {
+            linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                cfg,
+                &vb.pp("lm_head"),
+            )?
+        };
+        Ok(Self {
+            embed_tokens: Embedding::new(embeddings, cfg.hidden_size),
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Hidden states `(b, t, hidden)` for `input_ids` `(b, t)`.
+    ///
+    /// # Errors
+    /// An id outside the vocabulary.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// Logits `(b, t, vocab)` for the last layer's hidden states `(b, t, hidden)`.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn head(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.norm.forward(xs)?; // (b, t, hidden)
+        self.lm_head.forward(&xs) // (b, t, vocab)
+    }
+}
+
 /// The causal language model. Its parameters carry their Hugging Face names in the
 /// [`VarBuilder`] it was built from.
 #[derive(Debug, Clone)]
 pub struct Qwen2 {
-    embed_tokens: Embedding,
+    ends: Ends,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
     cfg: Config,
 }
 
@@ -38,36 +98,12 @@ impl Qwen2 {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn with_lora(cfg: &Config, lora: Option<&LoraConfig>, vb: &VarBuilder<'_>) -> Result<Self> {
-        let model = vb.pp("model");
-        let init = Init::Randn {
-            mean: 0.0,
-            stdev: cfg.initializer_range,
-        };
-        let embeddings = model.pp("embed_tokens").get_with_hints(
-            (cfg.vocab_size, cfg.hidden_size),
-            "weight",
-            init,
-        )?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::with_lora(cfg, lora, &model.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::with_lora(cfg, lora, &vb.pp("model.layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(cfg.hidden_size, cfg, &model.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embeddings.clone(), None)
-        } else {
-            linear(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                false,
-                cfg,
-                &vb.pp("lm_head"),
-            )?
-        };
         Ok(Self {
-            embed_tokens: Embedding::new(embeddings, cfg.hidden_size),
+            ends: Ends::new(cfg, vb)?,
             layers,
-            norm,
-            lm_head,
             cfg: cfg.clone(),
         })
     }
@@ -97,15 +133,13 @@ impl Qwen2 {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let device = input_ids.device();
-        let mut xs = self.embed_tokens.forward(input_ids)?; // (b, t, hidden)
-        let dtype = xs.dtype();
-        let rope = Rope::new(&self.cfg, t, dtype, device)?;
+        let mut xs = self.ends.embed(input_ids)?; // (b, t, hidden)
+        let rope = Rope::new(&self.cfg, t, xs.dtype(), device)?;
         let mask = additive_mask(attention_mask, b, t, device)?; // (b, 1, t, t) f32
         #[checkpoint] // the whole loop: ONE engine stack (the plain calls when `ckpt` is None)
         for layer in &self.layers {
             xs = layer.forward(&xs, Some(&mask), &rope)?;
         }
-        let xs = self.norm.forward(&xs)?; // (b, t, hidden)
-        self.lm_head.forward(&xs) // (b, t, vocab)
+        self.ends.head(&xs) // (b, t, vocab)
     }
 }

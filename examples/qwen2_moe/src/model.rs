@@ -1,11 +1,11 @@
 //! Qwen2MoeForCausalLM: token embedding → decoder layers → final norm → output head, with the
 //! router logits of every sparse layer for the load-balancing loss.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 use checkpoint_runtime::{Checkpointer, checkpointable};
 use qwen2::attention::additive_mask;
-use qwen2::nn::{RmsNorm, linear};
+use qwen2::model::Ends;
 use qwen2::rope::Rope;
 
 use crate::config::Config;
@@ -24,10 +24,9 @@ pub struct Output {
 /// [`VarBuilder`] it was built from.
 #[derive(Debug, Clone)]
 pub struct Qwen2Moe {
-    embed_tokens: Embedding,
+    /// Qwen2's embedding, final norm and head.
+    ends: Ends,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
     cfg: Config,
 }
 
@@ -37,37 +36,12 @@ impl Qwen2Moe {
     /// # Errors
     /// If the builder lacks a tensor or one is misshapen.
     pub fn new(cfg: &Config, vb: &VarBuilder<'_>) -> Result<Self> {
-        let base = &cfg.base;
-        let model = vb.pp("model");
-        let init = Init::Randn {
-            mean: 0.0,
-            stdev: base.initializer_range,
-        };
-        let embeddings = model.pp("embed_tokens").get_with_hints(
-            (base.vocab_size, base.hidden_size),
-            "weight",
-            init,
-        )?;
-        let layers = (0..base.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, &model.pp("layers").pp(i)))
+        let layers = (0..cfg.base.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, i, &vb.pp("model.layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(base.hidden_size, base, &model.pp("norm"))?;
-        let lm_head = if base.tie_word_embeddings {
-            Linear::new(embeddings.clone(), None)
-        } else {
-            linear(
-                base.hidden_size,
-                base.vocab_size,
-                false,
-                base,
-                &vb.pp("lm_head"),
-            )?
-        };
         Ok(Self {
-            embed_tokens: Embedding::new(embeddings, base.hidden_size),
+            ends: Ends::new(&cfg.base, vb)?,
             layers,
-            norm,
-            lm_head,
             cfg: cfg.clone(),
         })
     }
@@ -96,7 +70,7 @@ impl Qwen2Moe {
     ) -> Result<Output> {
         let (b, t) = input_ids.dims2()?;
         let device = input_ids.device();
-        let mut xs = self.embed_tokens.forward(input_ids)?; // (b, t, hidden)
+        let mut xs = self.ends.embed(input_ids)?; // (b, t, hidden)
         let rope = Rope::new(&self.cfg.base, t, xs.dtype(), device)?;
         let mask = additive_mask(attention_mask, b, t, device)?; // (b, 1, t, t) f32
         let mut all_logits = Vec::with_capacity(self.layers.len());
@@ -114,9 +88,8 @@ impl Qwen2Moe {
             .filter(|(layer, _)| layer.is_sparse())
             .map(|(_, logits)| logits)
             .collect();
-        let xs = self.norm.forward(&xs)?; // (b, t, hidden)
         Ok(Output {
-            logits: self.lm_head.forward(&xs)?, // (b, t, vocab)
+            logits: self.ends.head(&xs)?, // (b, t, vocab)
             router_logits,
         })
     }
