@@ -159,13 +159,7 @@ fn main() -> ExitCode {
     } else {
         parent(&args)
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit_code(result)
 }
 
 fn check_args(args: &Args, device: &Device) -> Result<()> {

@@ -1,7 +1,8 @@
 //! What the `qwen2` and `qwen2-moe` binaries share on their command lines: the checkpointing
-//! policy's arguments, the compute device and the dtype.
+//! policy's arguments, the compute device, the dtype and the exit code.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use checkpoint_runtime::{DiskConfig, Mode};
@@ -100,5 +101,17 @@ pub fn parse_dtype(arg: Option<&str>, device: &Device) -> Result<DType> {
         Some(other) => Err(Error::Data(format!(
             "--dtype {other}: expected f32, bf16 or f16"
         ))),
+    }
+}
+
+/// A command's exit: success, or its error on stderr and failure.
+#[must_use]
+pub fn exit_code(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -269,18 +269,10 @@ struct VerifyArgs {
 fn main() -> ExitCode {
     // SAFETY: the first statement of `main`: no other thread exists yet.
     unsafe { qwen2::threads::limit_idle_spinning() };
-    let cli = Cli::parse();
-    let result = match cli.command {
+    cli::exit_code(match Cli::parse().command {
         Command::Train(args) => run_train(&args),
         Command::Verify(args) => run_verify(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn run_train(args: &TrainArgs) -> Result<()> {

@@ -6,10 +6,11 @@
 //! parameter, under Hugging Face names; a tied head's gradient is folded into
 //! `grad.model.embed_tokens.weight`.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use checkpoint_runtime::{Checkpointer, Mode};
 
 use crate::error::{Error, Result};
@@ -122,6 +123,92 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// A reference file: the batch, the outputs and the gradients another implementation computed.
+#[derive(Debug)]
+pub struct Reference {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    /// What a reference file of this model holds, for the error on a missing tensor.
+    holds: &'static str,
+}
+
+impl Reference {
+    /// Reads `path` onto `device`; `holds` lists what such a file holds (for errors).
+    ///
+    /// # Errors
+    /// [`Error::Data`] if it is not a readable safetensors file.
+    pub fn load(path: &Path, device: &Device, holds: &'static str) -> Result<Self> {
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
+            Error::Data(format!(
+                "{}: not a readable safetensors file: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            holds,
+        })
+    }
+
+    /// The tensor `name`.
+    ///
+    /// # Errors
+    /// [`Error::Data`] naming it and what the file should hold, if it is missing.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::Data(format!(
+                "{} has no tensor `{name}`: {}",
+                self.path.display(),
+                self.holds
+            ))
+        })
+    }
+
+    /// One check per parameter, `grad.<name>` against ours (a parameter without a gradient
+    /// fails its check rather than the whole run).
+    ///
+    /// # Errors
+    /// A parameter missing from the file or of another shape; a gradient in the file for a
+    /// parameter the model does not have (`hint` says which setting may differ).
+    pub fn gradient_checks(
+        &self,
+        params: &[(String, Var)],
+        grads: &GradStore,
+        hint: &str,
+    ) -> Result<Vec<Check>> {
+        let mut checks = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            let key = format!("grad.{name}");
+            let reference = self.get(&key)?;
+            checks.push(match grads.get(var.as_tensor()) {
+                Some(g) => Check::compare(&key, g, reference, GRAD_TOLERANCE)?,
+                None => Check {
+                    name: key,
+                    rel_err: f64::INFINITY,
+                    tolerance: GRAD_TOLERANCE,
+                },
+            });
+        }
+        let ours: HashSet<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&str> = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("grad."))
+            .filter(|n| !ours.contains(n))
+            .collect();
+        if !extra.is_empty() {
+            extra.sort_unstable();
+            return Err(Error::Data(format!(
+                "{} has gradients for parameters the model does not have: {} ({hint})",
+                self.path.display(),
+                extra.join(", ")
+            )));
+        }
+        Ok(checks)
+    }
+}
+
 /// Loads the checkpoint in `model_dir` in f32 on `device`, runs the reference batch through it
 /// with the engine `ckpt` (any mode and policy: a budget policy probes on this, its first step),
 /// and compares.
@@ -136,24 +223,15 @@ pub fn verify(
     device: &Device,
 ) -> Result<Report> {
     let loaded = loader::load(model_dir, DType::F32, device)?;
-    let refs = candle_core::safetensors::load(reference, device).map_err(|e| {
-        Error::Data(format!(
-            "{}: not a readable safetensors file: {e}",
-            reference.display()
-        ))
-    })?;
-    let get = |name: &str| {
-        refs.get(name).ok_or_else(|| {
-            Error::Data(format!(
-                "{} has no tensor `{name}`: a reference file holds input_ids, attention_mask, \
-                 labels, logits, loss and grad.<parameter> tensors",
-                reference.display()
-            ))
-        })
-    };
-    let input_ids = get("input_ids")?.to_dtype(DType::U32)?;
-    let attention_mask = get("attention_mask")?;
-    let labels = get("labels")?;
+    let refs = Reference::load(
+        reference,
+        device,
+        "a reference file holds input_ids, attention_mask, labels, logits, loss and \
+         grad.<parameter> tensors",
+    )?;
+    let input_ids = refs.get("input_ids")?.to_dtype(DType::U32)?;
+    let attention_mask = refs.get("attention_mask")?;
+    let labels = refs.get("labels")?;
 
     let logits = loaded
         .model
@@ -162,37 +240,19 @@ pub fn verify(
     let grads = ckpt.backward(&loss)?;
 
     let mut checks = vec![
-        Check::compare("logits", &logits, get("logits")?, OUTPUT_TOLERANCE)?,
-        Check::compare("loss", &loss.reshape(1)?, get("loss")?, OUTPUT_TOLERANCE)?,
+        Check::compare("logits", &logits, refs.get("logits")?, OUTPUT_TOLERANCE)?,
+        Check::compare(
+            "loss",
+            &loss.reshape(1)?,
+            refs.get("loss")?,
+            OUTPUT_TOLERANCE,
+        )?,
     ];
-    let ours: HashMap<&str, _> = loaded.params.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    for (name, var) in &loaded.params {
-        let key = format!("grad.{name}");
-        let reference_grad = get(&key)?;
-        checks.push(match grads.get(var.as_tensor()) {
-            Some(g) => Check::compare(&key, g, reference_grad, GRAD_TOLERANCE)?,
-            // A parameter without a gradient fails its check rather than the whole run.
-            None => Check {
-                name: key,
-                rel_err: f64::INFINITY,
-                tolerance: GRAD_TOLERANCE,
-            },
-        });
-    }
-    let mut extra: Vec<&str> = refs
-        .keys()
-        .filter_map(|k| k.strip_prefix("grad."))
-        .filter(|n| !ours.contains_key(n))
-        .collect();
-    if !extra.is_empty() {
-        extra.sort_unstable();
-        return Err(Error::Data(format!(
-            "{} has gradients for parameters the model does not have: {} (tied head vs \
-             tie_word_embeddings?)",
-            reference.display(),
-            extra.join(", ")
-        )));
-    }
+    checks.extend(refs.gradient_checks(
+        &loaded.params,
+        &grads,
+        "tied head vs tie_word_embeddings?",
+    )?);
     Ok(Report {
         mode: ckpt.mode(),
         checks,

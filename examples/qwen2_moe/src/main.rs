@@ -91,17 +91,12 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    unsafe { qwen2::threads::limit_idle_spinning() };
+    cli::exit_code(match Cli::parse().command {
         Command::Train(args) => run_train(&args),
         Command::Verify(args) => run_verify(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn run_train(args: &TrainArgs) -> Result<()> {

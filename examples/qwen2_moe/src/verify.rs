@@ -6,13 +6,12 @@
 //! `aux_loss`, `loss` (cross-entropy + coef · aux) and `grad.<parameter name>` for every
 //! parameter, under Hugging Face names.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use candle_core::{DType, Device};
 use checkpoint_runtime::Checkpointer;
-use qwen2::verify::{Check, GRAD_TOLERANCE, OUTPUT_TOLERANCE, Report};
-use qwen2::{Error, Result};
+use qwen2::Result;
+use qwen2::verify::{Check, OUTPUT_TOLERANCE, Reference, Report};
 
 use crate::loader;
 use crate::router_loss::total_loss;
@@ -30,24 +29,15 @@ pub fn verify(
     device: &Device,
 ) -> Result<Report> {
     let loaded = loader::load(model_dir, DType::F32, device)?;
-    let refs = candle_core::safetensors::load(reference, device).map_err(|e| {
-        Error::Data(format!(
-            "{}: not a readable safetensors file: {e}",
-            reference.display()
-        ))
-    })?;
-    let get = |name: &str| {
-        refs.get(name).ok_or_else(|| {
-            Error::Data(format!(
-                "{} has no tensor `{name}`: a Qwen2-MoE reference file holds input_ids, \
-                 attention_mask, labels, logits, aux_loss, loss and grad.<parameter> tensors",
-                reference.display()
-            ))
-        })
-    };
-    let input_ids = get("input_ids")?.to_dtype(DType::U32)?;
-    let attention_mask = get("attention_mask")?;
-    let labels = get("labels")?;
+    let refs = Reference::load(
+        reference,
+        device,
+        "a Qwen2-MoE reference file holds input_ids, attention_mask, labels, logits, aux_loss, \
+         loss and grad.<parameter> tensors",
+    )?;
+    let input_ids = refs.get("input_ids")?.to_dtype(DType::U32)?;
+    let attention_mask = refs.get("attention_mask")?;
+    let labels = refs.get("labels")?;
 
     let model = &loaded.model;
     let out = model.forward(&input_ids, Some(attention_mask), Some(ckpt))?;
@@ -61,43 +51,25 @@ pub fn verify(
     let grads = ckpt.backward(&loss)?; // not loss.backward(): see Checkpointer
 
     let mut checks = vec![
-        Check::compare("logits", &out.logits, get("logits")?, OUTPUT_TOLERANCE)?,
+        Check::compare("logits", &out.logits, refs.get("logits")?, OUTPUT_TOLERANCE)?,
         Check::compare(
             "aux_loss",
             &aux.reshape(1)?,
-            get("aux_loss")?,
+            refs.get("aux_loss")?,
             OUTPUT_TOLERANCE,
         )?,
-        Check::compare("loss", &loss.reshape(1)?, get("loss")?, OUTPUT_TOLERANCE)?,
+        Check::compare(
+            "loss",
+            &loss.reshape(1)?,
+            refs.get("loss")?,
+            OUTPUT_TOLERANCE,
+        )?,
     ];
-    for (name, var) in &loaded.params {
-        let key = format!("grad.{name}");
-        let reference_grad = get(&key)?;
-        checks.push(match grads.get(var.as_tensor()) {
-            Some(g) => Check::compare(&key, g, reference_grad, GRAD_TOLERANCE)?,
-            // A parameter without a gradient fails its check rather than the whole run.
-            None => Check {
-                name: key,
-                rel_err: f64::INFINITY,
-                tolerance: GRAD_TOLERANCE,
-            },
-        });
-    }
-    let ours: HashSet<&str> = loaded.params.iter().map(|(n, _)| n.as_str()).collect();
-    let mut extra: Vec<&str> = refs
-        .keys()
-        .filter_map(|k| k.strip_prefix("grad."))
-        .filter(|n| !ours.contains(n))
-        .collect();
-    if !extra.is_empty() {
-        extra.sort_unstable();
-        return Err(Error::Data(format!(
-            "{} has gradients for parameters the model does not have: {} (another \
-             num_experts, mlp_only_layers or tie_word_embeddings?)",
-            reference.display(),
-            extra.join(", ")
-        )));
-    }
+    checks.extend(refs.gradient_checks(
+        &loaded.params,
+        &grads,
+        "another num_experts, mlp_only_layers or tie_word_embeddings?",
+    )?);
     Ok(Report {
         mode: ckpt.mode(),
         checks,
