@@ -53,7 +53,7 @@ pub(crate) struct Kept {
     pub(crate) prints: Vec<Fingerprint>,
     /// The tapped parts of the layers' outputs of a segment that keeps its graph, in its graph
     /// (none for a recomputed segment: recomputation taps them again).
-    pub(crate) taps: Vec<Tensor>,
+    pub(crate) taps: Vec<Option<Tensor>>,
 }
 
 /// The part of each layer's output that a stack also hands back: the elements from `from` on
@@ -65,8 +65,9 @@ pub(crate) struct Tap {
 }
 
 impl Tap {
-    /// The tapped part of `out`, a view in its graph.
-    fn part(self, out: &Tensor) -> candle_core::Result<Tensor> {
+    /// The tapped part of `out`, a view in its graph; `None` when it is empty (a layer without
+    /// auxiliary outputs), so that no empty buffer is ever allocated or copied.
+    fn part(self, out: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let len = out.dim(0)?.checked_sub(self.from).ok_or_else(|| {
             candle_core::Error::msg(format!(
                 "a tapped layer output has {} elements, fewer than the {} its carry takes",
@@ -74,7 +75,10 @@ impl Tap {
                 self.from
             ))
         })?;
-        out.narrow(0, self.from, len)
+        if len == 0 {
+            return Ok(None);
+        }
+        out.narrow(0, self.from, len).map(Some)
     }
 }
 
@@ -82,7 +86,7 @@ impl Tap {
 pub(crate) struct Ran {
     pub(crate) output: Tensor,
     /// One per layer of the segment when the stack taps its layers, else empty.
-    pub(crate) taps: Vec<Tensor>,
+    pub(crate) taps: Vec<Option<Tensor>>,
 }
 
 /// What [`run_segment`] does with each layer's output.
@@ -127,9 +131,9 @@ pub(crate) fn run_segment<L: Layer<K>, K: Kwargs>(
             .map_err(layer_error)?;
         if let Some(tap) = tap {
             let part = tap.part(&out).map_err(layer_error)?;
-            taps.push(match outputs {
-                Outputs::Record(..) => part.force_contiguous()?.detach(),
-                Outputs::Keep | Outputs::Verify(_) => part,
+            taps.push(match (part, &outputs) {
+                (Some(part), Outputs::Record(..)) => Some(part.force_contiguous()?.detach()),
+                (part, _) => part,
             });
         }
         hidden = match &mut outputs {
@@ -239,7 +243,9 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
             // One backward from the segment's output and from every tapped part the loss uses.
             let mut root = output.apply_op1(Seed(grad))?;
             for (part, index) in taps.iter().zip(seg.start..) {
-                if let Some(g) = tap_grads.get_mut(index).and_then(Option::take) {
+                if let Some(part) = part
+                    && let Some(g) = tap_grads.get_mut(index).and_then(Option::take)
+                {
                     root = (root + part.apply_op1(Seed(g))?)?;
                 }
             }

@@ -494,7 +494,7 @@ impl Checkpointer {
                     tap,
                 )?;
                 hidden = ran.output.detach();
-                parts.extend(ran.taps.iter().map(Tensor::detach));
+                parts.extend(ran.taps.iter().map(|t| t.as_ref().map(Tensor::detach)));
                 let output = ran.output;
                 (Saved::Graph { input, output }, ran.taps)
             } else {
@@ -533,11 +533,14 @@ impl Checkpointer {
                 .into_iter()
                 .enumerate()
                 .map(|(index, part)| {
-                    output.apply_op1(TapOp {
-                        index,
-                        part: Mutex::new(Some(part)),
-                        grads: Arc::clone(&grads),
+                    part.map(|part| {
+                        output.apply_op1(TapOp {
+                            index,
+                            part: Mutex::new(Some(part)),
+                            grads: Arc::clone(&grads),
+                        })
                     })
+                    .transpose()
                 })
                 .collect::<candle_core::Result<_>>()?,
         };

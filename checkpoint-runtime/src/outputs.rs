@@ -252,7 +252,14 @@ impl Checkpointer {
         let aux = records
             .iter()
             .zip(&ran.taps)
-            .map(|(record, part)| split(part, &lock(record)))
+            .map(|(record, part)| match part {
+                Some(part) => split(part, &lock(record)),
+                // Nothing after the carry: no auxiliary outputs, or only empty ones.
+                None => lock(record)
+                    .iter()
+                    .map(|shape| Tensor::zeros(shape, packed.dtype(), packed.device()))
+                    .collect(),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(StackOutputs { carry, aux })
     }
