@@ -43,3 +43,73 @@ pub fn max_grad_diff(a: &GradStore, b: &GradStore, vars: &[Var]) -> Result<f64> 
     }
     Ok(worst)
 }
+
+/// Checks that `other` holds, for each named parameter, the very gradient `plain` holds, bit for
+/// bit, and that `plain`'s is not all zeros (against which any zero gradient would compare
+/// equal). `label` names the run `other` came from.
+///
+/// # Errors
+/// Naming the parameter: a gradient missing from either store, all zeros, or different.
+pub fn same_nonzero_grads(
+    params: &[(String, Var)],
+    plain: &GradStore,
+    other: &GradStore,
+    label: &str,
+) -> Result<()> {
+    for (name, var) in params {
+        let missing =
+            |run: &str| candle_core::Error::msg(format!("no gradient for {name} ({run})"));
+        let a = plain.get(var.as_tensor()).ok_or_else(|| missing("plain"))?;
+        let b = other.get(var.as_tensor()).ok_or_else(|| missing(label))?;
+        if a.abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            == 0.0
+        {
+            return Err(candle_core::Error::msg(format!("{name}: zero gradient")));
+        }
+        let diff = max_abs_diff(a, b)?;
+        if diff != 0.0 {
+            return Err(candle_core::Error::msg(format!(
+                "{name}: {label} differs from the plain graph by up to {diff:e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// The gradient `scale` for each element of `var` (a tensor, so that 0 stays in the graph).
+    fn store(var: &Var, scale: f32) -> Result<GradStore> {
+        let scale = Tensor::full(scale, var.shape(), var.device())?;
+        (var.as_tensor() * scale)?.sum_all()?.backward()
+    }
+
+    #[test]
+    fn same_nonzero_grads_accepts_equal_and_names_what_differs_or_is_zero() -> Result<()> {
+        let var = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+        let params = vec![("w".to_owned(), var.clone())];
+        let plain = store(&var, 2.0)?;
+        same_nonzero_grads(&params, &plain, &store(&var, 2.0)?, "again")?;
+        let err = same_nonzero_grads(&params, &plain, &store(&var, 3.0)?, "other")
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("w: other differs")));
+        let zero = store(&var, 0.0)?;
+        let err = same_nonzero_grads(&params, &zero, &zero, "zero")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_ref().is_some_and(|e| e.contains("w: zero gradient")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+}

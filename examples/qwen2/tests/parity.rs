@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use checkpoint_runtime::{Checkpointer, DiskConfig, Mode, Placement, Policy};
-use checkpoint_tests::compare::max_abs_diff;
+use checkpoint_tests::compare::{max_abs_diff, same_nonzero_grads};
 use checkpoint_tests::temp::TempDir;
 use qwen2::data::{Dataset, collate};
 use qwen2::loader::{self, Loaded};
@@ -164,21 +164,7 @@ fn every_parameter_gets_a_nonzero_gradient_and_checkpointing_is_exact() -> TestR
         Policy::new(Mode::OffloadDisk).budget(0),
     ] {
         let recomputed = grads(&loaded, policy.clone())?;
-        for (name, var) in &loaded.params {
-            let a = plain
-                .get(var.as_tensor())
-                .ok_or(format!("no gradient for {name} (none)"))?;
-            let b = recomputed
-                .get(var.as_tensor())
-                .ok_or(format!("no gradient for {name} ({policy:?})"))?;
-            let size = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(size > 0.0, "{name}: zero gradient");
-            assert_eq!(
-                max_abs_diff(a, b)?,
-                0.0,
-                "{name}: {policy:?} differs from none"
-            );
-        }
+        same_nonzero_grads(&loaded.params, &plain, &recomputed, &format!("{policy:?}"))?;
     }
     Ok(())
 }
