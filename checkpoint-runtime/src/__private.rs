@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-pub use crate::partial::Partial;
+pub use crate::partial::{Method, Partial};
 pub use crate::{Checkpointer, Kwargs, Layer, MultiLayer, StackOutputs};
 pub use candle_core::{Result, Tensor};
 pub use std::string::String;
@@ -284,4 +284,27 @@ pub fn take_n<const N: usize>(
 /// The engine's error, converted.
 pub fn candle_outputs(result: crate::Result<StackOutputs>) -> candle_core::Result<StackOutputs> {
     result.map_err(candle_core::Error::from)
+}
+
+/// The tensors a stack of one [`MultiLayer`] invocation returned, in the order its method returns
+/// them (the new carry, then the auxiliary outputs): what `#[checkpoint] let (P0, P1, ..) =
+/// INVOCATION?;` binds, `N` being the pattern's arity.
+///
+/// # Errors
+/// The engine's error; a stack that did not run exactly one layer, or a layer that returned
+/// another number of tensors than the pattern binds (the plain branch of the statement rules
+/// that out at compile time, so this is a guard, not an expected path).
+pub fn outputs_of_one<const N: usize>(
+    result: crate::Result<StackOutputs>,
+) -> crate::Result<[Tensor; N]> {
+    let StackOutputs { mut carry, aux } = result?;
+    let layers = aux.len();
+    let [aux] = <[Vec<Tensor>; 1]>::try_from(aux).map_err(|_| {
+        crate::Error::Config(format!(
+            "a checkpointed `let` of a tuple runs a stack of one layer, but the engine ran \
+             {layers}"
+        ))
+    })?;
+    carry.extend(aux);
+    Ok(take_n::<N>(carry, "tensors")?)
 }
