@@ -287,15 +287,15 @@ fn value_inner(expr: &Expr, site: Site<'_>) -> syn::Result<TokenStream> {
     let inv = invocation(expr, rt)?;
     let pair = &inv.pair;
     let carry = inv.carry;
-    let layer = Ident::new("__ckpt_layer", Span::mixed_site());
-    let kwargs = Ident::new("__ckpt_kwargs", Span::mixed_site());
-    let checkpointed = quote! {{
-        let (#layer, #kwargs) = #pair;
-        ::core::result::Result::map_err(
-            #var.run(#layer, #carry, #kwargs),
-            #rt::convert_error,
-        )
-    }};
+    // The pair as the argument: a method returning a tuple bound to one name is reported at the
+    // invocation that evaluates it.
+    let run = quote_spanned! {expr.span()=>
+        {
+            use #rt::RunSingle as _;
+            #var.__ckpt_run_single(#pair, #carry)
+        }
+    };
+    let checkpointed = quote!(::core::result::Result::map_err(#run, #rt::convert_error));
     Ok(with_engine(site, &expr.to_token_stream(), &checkpointed))
 }
 
@@ -949,9 +949,9 @@ fn multi_loop(
 }
 
 /// What a marked `let` of a tuple is.
-const MULTI_LET: &str = "a marked `let` of a tuple binds every tensor a layer returning a tuple \
-    returns, each to a plain name or `_`: `let (P0, P1, ..) = INVOCATION?;`, the new carry \
-    first (one element per carry tensor), then the auxiliary outputs";
+const MULTI_LET: &str = "a marked `let` of a tuple names every tensor the layer returns, in \
+    order (the new carry, one element per carry tensor, then the auxiliary outputs), each with a \
+    plain name or `_`: `let (h, logits) = layer.forward(&xs, mask)?;`";
 
 /// `let (P0, P1, ..) = INVOCATION?;` → a stack of one through `run_stack_outputs`.
 fn multi_let(
@@ -967,20 +967,19 @@ fn multi_let(
             Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {}
             Pat::Wild(_) => {}
             Pat::Rest(_) => {
-                return Err(unsupported(
+                return Err(syn::Error::new_spanned(
                     elem,
-                    &format!(
-                        "`..` leaves the number of tensors unsaid: bind each tensor the layer \
-                         returns, to `_` if unused.\n{MULTI_LET}."
+                    format!(
+                        "`..` leaves out how many tensors the layer returns: {MULTI_LET}"
                     ),
                 ));
             }
             other => {
-                return Err(unsupported(
+                return Err(syn::Error::new_spanned(
                     other,
-                    &format!(
-                        "bind each tensor the layer returns to a plain name (or `_`), then \
-                         destructure it in the next statement.\n{MULTI_LET}."
+                    format!(
+                        "bind this tensor to a plain name, and borrow or destructure it in the \
+                         next statement: {MULTI_LET}"
                     ),
                 ));
             }
@@ -988,17 +987,17 @@ fn multi_let(
     }
     let n = tuple.elems.len();
     if n < 2 {
-        return Err(unsupported(
+        return Err(syn::Error::new_spanned(
             tuple,
-            &format!("a layer returning a tuple returns at least two tensors.\n{MULTI_LET}."),
+            format!("a layer returning a tuple returns at least two tensors: {MULTI_LET}"),
         ));
     }
     let Expr::Try(t) = init else {
-        return Err(unsupported(
+        return Err(syn::Error::new_spanned(
             init,
-            &format!(
+            format!(
                 "end the invocation with `?`: the pattern binds the tensors, not the \
-                 `Result`.\n{MULTI_LET}."
+                 `Result`: {MULTI_LET}"
             ),
         ));
     };
