@@ -381,6 +381,7 @@ impl<L: Layer<K>, K: Kwargs> OneTensor<L, K> for Tensor {
 }
 
 /// The output of no checkpointable method (see [`OneTensor`]).
+#[derive(Debug)]
 pub enum NoOutput {}
 
 impl<L, K> OneTensor<L, K> for NoOutput {

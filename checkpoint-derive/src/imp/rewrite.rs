@@ -969,9 +969,7 @@ fn multi_let(
             Pat::Rest(_) => {
                 return Err(syn::Error::new_spanned(
                     elem,
-                    format!(
-                        "`..` leaves out how many tensors the layer returns: {MULTI_LET}"
-                    ),
+                    format!("`..` leaves out how many tensors the layer returns: {MULTI_LET}"),
                 ));
             }
             other => {
