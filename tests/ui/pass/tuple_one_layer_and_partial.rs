@@ -25,7 +25,8 @@ struct Pair;
 
 #[checkpointable]
 impl Pair {
-    fn forward(&self, carry: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor, Tensor)> {
+    /// A named lifetime on the carry: `partial(..).call` takes it all the same.
+    fn forward<'a>(&self, carry: (&'a Tensor, &Tensor)) -> Result<(Tensor, Tensor, Tensor)> {
         let (h, r) = carry;
         let r = (r + h)?;
         let stat = r.sum_keepdim(0)?;
