@@ -207,6 +207,241 @@ impl Model {
     }
 }
 
+/// How a stack's layers are invoked: bound (`layer.forward(&xs, ..)`, or the path call
+/// `Pair::forward(layer, ..)`), curried (`layer.partial(..)` then `.call(&xs)`) or kwargs-bound
+/// (`layer.call_kw(&xs, RoutedKwargs { .. })`).
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    Bound,
+    Partial,
+    CallKw,
+}
+
+const FORMS: [Form; 3] = [Form::Bound, Form::Partial, Form::CallKw];
+
+fn scale_of(i: usize) -> f64 {
+    1.0 / (i + 1) as f64
+}
+
+impl Model {
+    /// `forward`'s four stacks, each a `#[checkpoint]` loop (one stack each) invoking its layers
+    /// in `form`.
+    #[checkpointable(engine = ckpt)]
+    fn forward_loops(
+        &self,
+        xs: &Tensor,
+        ckpt: Option<&Checkpointer>,
+        form: Form,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut aux = Vec::new();
+        let mut residual = xs.zeros_like()?;
+        match form {
+            Form::Bound => {
+                #[checkpoint]
+                for (i, layer) in self.routed.iter().enumerate() {
+                    let (h, logits) = layer.forward(&xs, scale_of(i))?;
+                    xs = h;
+                    aux.push(logits);
+                }
+                #[checkpoint]
+                for layer in &self.pairs {
+                    let (h, r) = Pair::forward(layer, (&xs, &residual), 0.5)?;
+                    xs = h;
+                    residual = r;
+                }
+                #[checkpoint]
+                for layer in &self.pair_aux {
+                    let (h, r, stat) = layer.forward((&xs, &residual))?;
+                    xs = h;
+                    residual = r;
+                    aux.push(stat);
+                }
+            }
+            Form::Partial => {
+                let routed: Vec<_> = (self.routed.iter().enumerate())
+                    .map(|(i, l)| l.partial(scale_of(i)))
+                    .collect();
+                #[checkpoint]
+                for f in &routed {
+                    let (h, logits) = f.call(&xs)?;
+                    xs = h;
+                    aux.push(logits);
+                }
+                let pairs: Vec<_> = self.pairs.iter().map(|l| l.partial(0.5)).collect();
+                #[checkpoint]
+                for f in &pairs {
+                    let (h, r) = f.call((&xs, &residual))?;
+                    xs = h;
+                    residual = r;
+                }
+                let pair_aux: Vec<_> = self.pair_aux.iter().map(PairAux::partial).collect();
+                #[checkpoint]
+                for f in &pair_aux {
+                    let (h, r, stat) = f.call((&xs, &residual))?;
+                    xs = h;
+                    residual = r;
+                    aux.push(stat);
+                }
+            }
+            Form::CallKw => {
+                #[checkpoint]
+                for (i, layer) in self.routed.iter().enumerate() {
+                    let (h, logits) = layer.call_kw(&xs, RoutedKwargs { scale: scale_of(i) })?;
+                    xs = h;
+                    aux.push(logits);
+                }
+                #[checkpoint]
+                for layer in &self.pairs {
+                    let (h, r) = layer.call_kw((&xs, &residual), PairKwargs { scale: 0.5 })?;
+                    xs = h;
+                    residual = r;
+                }
+                #[checkpoint]
+                for layer in &self.pair_aux {
+                    let (h, r, stat) = layer.call_kw((&xs, &residual), PairAuxKwargs {})?;
+                    xs = h;
+                    residual = r;
+                    aux.push(stat);
+                }
+            }
+        }
+        let mut xs = (xs + residual)?;
+        match form {
+            Form::Bound =>
+            {
+                #[checkpoint]
+                for layer in &self.mixed {
+                    let (h, extra) = layer.forward(&xs, 0.25)?;
+                    xs = h;
+                    aux.push(extra);
+                }
+            }
+            Form::Partial => {
+                let mixed: Vec<_> = self.mixed.iter().map(|l| l.partial(0.25)).collect();
+                #[checkpoint]
+                for f in &mixed {
+                    let (h, extra) = f.call(&xs)?;
+                    xs = h;
+                    aux.push(extra);
+                }
+            }
+            Form::CallKw =>
+            {
+                #[checkpoint]
+                for layer in &self.mixed {
+                    let (h, extra) = layer.call_kw(&xs, MixedKwargs { scale: 0.25 })?;
+                    xs = h;
+                    aux.push(extra);
+                }
+            }
+        }
+        Ok((xs, aux))
+    }
+
+    /// `forward`'s four stacks, layer by layer: each layer a marked `let` of a tuple (a stack
+    /// of one), invoked in `form`.
+    #[checkpointable(engine = ckpt)]
+    fn forward_one_by_one(
+        &self,
+        xs: &Tensor,
+        ckpt: Option<&Checkpointer>,
+        form: Form,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut aux = Vec::new();
+        let mut residual = xs.zeros_like()?;
+        for (i, layer) in self.routed.iter().enumerate() {
+            let (h, logits) = match form {
+                Form::Bound => {
+                    #[checkpoint]
+                    let (h, logits) = layer.forward(&xs, scale_of(i))?;
+                    (h, logits)
+                }
+                Form::Partial => {
+                    let f = layer.partial(scale_of(i));
+                    #[checkpoint]
+                    let (h, logits) = f.call(&xs)?;
+                    (h, logits)
+                }
+                Form::CallKw => {
+                    #[checkpoint]
+                    let (h, logits) = layer.call_kw(&xs, RoutedKwargs { scale: scale_of(i) })?;
+                    (h, logits)
+                }
+            };
+            xs = h;
+            aux.push(logits);
+        }
+        for layer in &self.pairs {
+            (xs, residual) = match form {
+                Form::Bound => {
+                    #[checkpoint]
+                    let (h, r) = Pair::forward(layer, (&xs, &residual), 0.5)?;
+                    (h, r)
+                }
+                Form::Partial => {
+                    let f = layer.partial(0.5);
+                    #[checkpoint]
+                    let (h, r) = f.call((&xs, &residual))?;
+                    (h, r)
+                }
+                Form::CallKw => {
+                    #[checkpoint]
+                    let (h, r) = layer.call_kw((&xs, &residual), PairKwargs { scale: 0.5 })?;
+                    (h, r)
+                }
+            };
+        }
+        for layer in &self.pair_aux {
+            let (h, r, stat) = match form {
+                Form::Bound => {
+                    #[checkpoint]
+                    let (h, r, stat) = layer.forward((&xs, &residual))?;
+                    (h, r, stat)
+                }
+                Form::Partial => {
+                    let f = layer.partial();
+                    #[checkpoint]
+                    let (h, r, stat) = f.call((&xs, &residual))?;
+                    (h, r, stat)
+                }
+                Form::CallKw => {
+                    #[checkpoint]
+                    let (h, r, stat) = layer.call_kw((&xs, &residual), PairAuxKwargs {})?;
+                    (h, r, stat)
+                }
+            };
+            (xs, residual) = (h, r);
+            aux.push(stat);
+        }
+        let mut xs = (xs + residual)?;
+        for layer in &self.mixed {
+            let (h, extra) = match form {
+                Form::Bound => {
+                    #[checkpoint]
+                    let (h, extra) = layer.forward(&xs, 0.25)?;
+                    (h, extra)
+                }
+                Form::Partial => {
+                    let f = layer.partial(0.25);
+                    #[checkpoint]
+                    let (h, extra) = f.call(&xs)?;
+                    (h, extra)
+                }
+                Form::CallKw => {
+                    #[checkpoint]
+                    let (h, extra) = layer.call_kw(&xs, MixedKwargs { scale: 0.25 })?;
+                    (h, extra)
+                }
+            };
+            xs = h;
+            aux.push(extra);
+        }
+        Ok((xs, aux))
+    }
+}
+
 /// A loss weighing every element differently, reading the output and every auxiliary output.
 fn loss(ys: &Tensor, aux: &[Tensor]) -> Result<Tensor> {
     let weigh = |t: &Tensor| -> Result<Tensor> {
@@ -232,7 +467,20 @@ struct Step {
 }
 
 fn step(model: &Model, xs: &Var, ckpt: Option<&Checkpointer>) -> Result<Step> {
-    let (ys, aux) = model.forward(xs.as_tensor(), ckpt)?;
+    step_with(model, xs, ckpt, Model::forward)
+}
+
+/// A model forward: the model, the input and the engine to its output and auxiliary outputs.
+type Forward<'f> =
+    &'f dyn Fn(&Model, &Tensor, Option<&Checkpointer>) -> Result<(Tensor, Vec<Tensor>)>;
+
+fn step_with(
+    model: &Model,
+    xs: &Var,
+    ckpt: Option<&Checkpointer>,
+    forward: impl Fn(&Model, &Tensor, Option<&Checkpointer>) -> Result<(Tensor, Vec<Tensor>)>,
+) -> Result<Step> {
+    let (ys, aux) = forward(model, xs.as_tensor(), ckpt)?;
     let l = loss(&ys, &aux)?;
     let grads = match ckpt {
         Some(ckpt) => ckpt.backward(&l)?,
@@ -298,6 +546,55 @@ fn every_mode_matches_the_plain_calls_bit_for_bit() -> Result<()> {
                     &xs,
                     &format!("depth {depth}, {policy:?}"),
                 )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The modes (and segmentings) that `every_mode_matches_the_plain_calls_bit_for_bit` runs.
+fn policies() -> Vec<Policy> {
+    let modes = [
+        Mode::None,
+        Mode::Recompute,
+        Mode::OffloadHost,
+        Mode::OffloadDisk,
+    ];
+    modes
+        .into_iter()
+        .flat_map(|mode| [Policy::new(mode), Policy::new(mode).segments(2)])
+        .collect()
+}
+
+#[test]
+fn every_form_as_a_loop_and_one_layer_at_a_time_matches_the_plain_calls_bit_for_bit() -> Result<()>
+{
+    for depth in [1, 3] {
+        let (model, xs) = setup(depth)?;
+        let plain = step(&model, &xs, None)?;
+        for form in FORMS {
+            let loops =
+                |m: &Model, x: &Tensor, c: Option<&Checkpointer>| m.forward_loops(x, c, form);
+            let one_by_one =
+                |m: &Model, x: &Tensor, c: Option<&Checkpointer>| m.forward_one_by_one(x, c, form);
+            // Four stacks of all the layers, or one stack per layer.
+            let shapes: [(&str, Forward<'_>, u64); 2] = [
+                ("loops", &loops, 4),
+                ("one layer at a time", &one_by_one, 4 * depth as u64),
+            ];
+            for (shape, forward, stacks) in shapes {
+                // Without an engine, every form is the plain calls.
+                let other = step_with(&model, &xs, None, forward)?;
+                let what = format!("depth {depth}, {form:?} {shape}, no engine");
+                assert_same(&plain, &other, &model, &xs, &what)?;
+                for policy in policies() {
+                    let ckpt = Checkpointer::new(policy.clone());
+                    let other = step_with(&model, &xs, Some(&ckpt), forward)?;
+                    let what = format!("depth {depth}, {form:?} {shape}, {policy:?}");
+                    assert_same(&plain, &other, &model, &xs, &what)?;
+                    // Every layer ran through the engine, not the plain branch.
+                    assert_eq!(ckpt.take_stats().stacks, stacks, "{what}");
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-pub use crate::partial::Partial;
+pub use crate::partial::{Method, Partial};
 pub use crate::{Checkpointer, Kwargs, Layer, MultiLayer, StackOutputs};
 pub use candle_core::{Result, Tensor};
 pub use std::string::String;
@@ -284,4 +284,110 @@ pub fn take_n<const N: usize>(
 /// The engine's error, converted.
 pub fn candle_outputs(result: crate::Result<StackOutputs>) -> candle_core::Result<StackOutputs> {
     result.map_err(candle_core::Error::from)
+}
+
+/// The tensors a stack of one [`MultiLayer`] invocation returned, in the order its method returns
+/// them (the new carry, then the auxiliary outputs): what `#[checkpoint] let (P0, P1, ..) =
+/// INVOCATION?;` binds, `N` being the pattern's arity.
+///
+/// # Errors
+/// The engine's error; a stack that did not run exactly one layer, or a layer that returned
+/// another number of tensors than the pattern binds (the plain branch of the statement rules
+/// that out at compile time, so this is a guard, not an expected path).
+pub fn outputs_of_one<const N: usize>(
+    result: crate::Result<StackOutputs>,
+) -> crate::Result<[Tensor; N]> {
+    let StackOutputs { mut carry, aux } = result?;
+    let layers = aux.len();
+    let [aux] = <[Vec<Tensor>; 1]>::try_from(aux).map_err(|_| {
+        crate::Error::Config(format!(
+            "a checkpointed `let` of a tuple runs a stack of one layer, but the engine ran \
+             {layers}"
+        ))
+    })?;
+    carry.extend(aux);
+    Ok(take_n::<N>(carry, "tensors")?)
+}
+
+/// A layer invocation that returns one tensor: what a `#[checkpoint]` statement binding one value
+/// (`let ys = INVOCATION?;`) runs, `O` being the type the plain call returns inside its `Result`.
+/// Implemented for every [`Layer`] with `O = Tensor`; a checkpointable layer whose method returns
+/// a tuple (a [`MultiLayer`]) bound whole has `O = (Tensor, ..)`, hence the message.
+#[diagnostic::on_unimplemented(
+    message = "this `#[checkpoint]` statement binds one value, but the method of `{Self}` that it \
+               calls returns several tensors",
+    label = "the engine runs this as a stack of one layer returning one tensor",
+    note = "bind every tensor the method returns with a tuple pattern, the new carry first: \
+            `let (h, aux) = layer.forward(&xs, ..)?;`"
+)]
+pub trait SingleOutput<K, O> {
+    /// Runs `self` through `engine` (a stack of one).
+    ///
+    /// # Errors
+    /// The engine's error; see [`Checkpointer::run`].
+    fn run_single(&self, engine: &Checkpointer, carry: &Tensor, kwargs: K) -> crate::Result<O>;
+}
+
+/// `engine.__ckpt_run_single((layer, kwargs), carry)`: [`SingleOutput::run_single`] as a method
+/// of the engine taking the call site's `(layer, kwargs)` pair, so that an unsatisfied bound is
+/// reported at the invocation that evaluates the pair.
+pub trait RunSingle {
+    /// Runs `layer` through `self` (a stack of one).
+    ///
+    /// # Errors
+    /// The engine's error; see [`Checkpointer::run`].
+    fn __ckpt_run_single<L: SingleOutput<K, O>, K, O>(
+        &self,
+        call: (&L, K),
+        carry: &Tensor,
+    ) -> crate::Result<O>;
+}
+
+impl RunSingle for Checkpointer {
+    fn __ckpt_run_single<L: SingleOutput<K, O>, K, O>(
+        &self,
+        (layer, kwargs): (&L, K),
+        carry: &Tensor,
+    ) -> crate::Result<O> {
+        layer.run_single(self, carry, kwargs)
+    }
+}
+
+#[diagnostic::do_not_recommend]
+impl<K, L, O: OneTensor<L, K>> SingleOutput<K, O> for L {
+    fn run_single(&self, engine: &Checkpointer, carry: &Tensor, kwargs: K) -> crate::Result<O> {
+        O::run_one(self, engine, carry, kwargs)
+    }
+}
+
+/// The output of a stack of one `L` returning one tensor: [`Tensor`], for a [`Layer<K>`].
+///
+/// A second implementation, for [`NoOutput`], keeps the output type of [`SingleOutput`] from
+/// being inferred from this trait alone: it is inferred from the plain call in the statement's
+/// other branch, so that a method returning a tuple fails once, with `SingleOutput`'s message
+/// about the tuple, rather than with a mismatch between the branches.
+pub trait OneTensor<L, K>: Sized {
+    /// Runs `layer` through `engine` (a stack of one).
+    ///
+    /// # Errors
+    /// The engine's error; always for [`NoOutput`], which no method returns.
+    fn run_one(layer: &L, engine: &Checkpointer, carry: &Tensor, kwargs: K) -> crate::Result<Self>;
+}
+
+impl<L: Layer<K>, K: Kwargs> OneTensor<L, K> for Tensor {
+    fn run_one(layer: &L, engine: &Checkpointer, carry: &Tensor, kwargs: K) -> crate::Result<Self> {
+        engine.run(layer, carry, kwargs)
+    }
+}
+
+/// The output of no checkpointable method (see [`OneTensor`]).
+#[derive(Debug)]
+pub enum NoOutput {}
+
+impl<L, K> OneTensor<L, K> for NoOutput {
+    fn run_one(_: &L, _: &Checkpointer, _: &Tensor, _: K) -> crate::Result<Self> {
+        Err(crate::Error::Config(
+            "no checkpointable method returns `NoOutput`".to_owned(),
+        ))
+    }
 }

@@ -4,7 +4,9 @@
 //! - [`checkpointable`]: the attribute that makes a layer checkpointable (struct and impl) and
 //!   rewrites the layer calls of a model's forward into calls through an engine.
 //! - [`Layer`] and [`Kwargs`]: what the attribute implements: one entry point taking the layer
-//!   (`&self`), the carry tensor and the owned keyword record.
+//!   (`&self`), the carry tensor and the owned keyword record ([`MultiLayer`] for a method with
+//!   several carries or auxiliary outputs); [`Partial`] and [`Method`]: a method with its keyword
+//!   arguments bound, called later.
 //! - [`Checkpointer`]: runs stacks of layers under a [`Policy`] and returns complete gradients
 //!   from [`Checkpointer::backward`], or steps a candle-nn optimizer with them
 //!   ([`Checkpointer::backward_step`]); [`Stats`] says what it kept where and what that cost.
@@ -85,7 +87,7 @@ pub use engine::Checkpointer;
 pub use error::{Error, Result};
 pub use layer::{Kwargs, Layer};
 pub use outputs::{MultiLayer, StackOutputs};
-pub use partial::Partial;
+pub use partial::{Method, Partial};
 pub use policy::{Mode, Placement, Policy, RecomputeCheck, Segment};
 pub use stats::Stats;
 pub use store::disk::DiskConfig;

@@ -4,6 +4,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
+use syn::visit_mut::{self, VisitMut};
 use syn::{Ident, ItemStruct, Lifetime, Type};
 
 use super::validate::{Kind, LayerImpl, Method};
@@ -87,6 +88,37 @@ fn pascal_case(snake: &str) -> String {
 /// `__checkpointable_forward_t`"), so it says what is missing.
 pub(crate) fn hidden_twin(method: &Ident) -> Ident {
     format_ident!("__checkpointable_{}", method, span = method.span())
+}
+
+/// `ty` (a carry type: `&Tensor` or a tuple of them) with every reference's lifetime `lifetime`.
+fn with_lifetime(ty: &Type, lifetime: &Lifetime) -> Type {
+    struct Set<'l>(&'l Lifetime);
+    impl VisitMut for Set<'_> {
+        fn visit_type_reference_mut(&mut self, r: &mut syn::TypeReference) {
+            r.lifetime = Some(self.0.clone());
+            visit_mut::visit_type_reference_mut(self, r);
+        }
+    }
+    let mut ty = ty.clone();
+    Set(lifetime).visit_type_mut(&mut ty);
+    ty
+}
+
+/// `ty` with `Self` replaced by `self_ty`, for use outside the layer's impl.
+fn without_self(ty: &Type, self_ty: &Type) -> Type {
+    struct Replace<'t>(&'t Type);
+    impl VisitMut for Replace<'_> {
+        fn visit_type_mut(&mut self, ty: &mut Type) {
+            if matches!(ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident("Self")) {
+                *ty = self.0.clone();
+            } else {
+                visit_mut::visit_type_mut(self, ty);
+            }
+        }
+    }
+    let mut ty = ty.clone();
+    Replace(self_ty).visit_type_mut(&mut ty);
+    ty
 }
 
 fn is_str(ty: &Type) -> bool {
@@ -290,6 +322,27 @@ pub(crate) fn layer_method(
         }
     };
 
+    // `Partial::call` calls the method itself through `Method`, with its own carry argument and
+    // return type. Inside this impl `Self` is the record, so the layer's `Self` is spelled out.
+    let c = Lifetime::new("'__ckpt_c", Span::call_site());
+    let method_carry = with_lifetime(carry_ty, &c);
+    let method_output = without_self(output, self_ty);
+    let layer_var = Ident::new("layer", Span::mixed_site());
+    let method_impl = quote! {
+        #[automatically_derived]
+        impl #impl_generics #rt::Method<#self_ty> for #owned #where_clause {
+            type Carry<#c> = #method_carry;
+            type Output = #method_output;
+            fn invoke(
+                #layer_var: &#self_ty,
+                #carry_var: Self::Carry<'_>,
+                #kwargs_var: &Self,
+            ) -> Self::Output {
+                <#self_ty>::#method_name(#layer_var, #carry_var, #(#reborrow),*)
+            }
+        }
+    };
+
     quote! {
         #[doc = #record_doc]
         #[allow(dead_code)]
@@ -342,6 +395,8 @@ pub(crate) fn layer_method(
         }
 
         #layer_impl
+
+        #method_impl
 
         #[allow(dead_code)]
         impl #impl_generics #self_ty #where_clause {

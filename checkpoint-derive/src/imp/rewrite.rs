@@ -21,6 +21,8 @@ const SHAPES: &str = "`#[checkpoint]` supports these statements:\n\
       assignment): the whole loop runs as one stack,\n\
     - `let PAT = ITER.try_fold(INIT, |ACC, ITEM| INVOCATION)?;`: likewise,\n\
     - `let PAT = INVOCATION?;`: a stack of one,\n\
+    - `let (P0, P1, ..) = INVOCATION?;` for a layer returning a tuple: a stack of one, binding \
+      the new carry, then the auxiliary outputs,\n\
     where INVOCATION is `layer.forward(&xs, ..)`, `Layer::forward(layer, &xs, ..)`, \
     `layer.call_kw(&xs, LayerKwargs { .. })` or `partial.call(&xs)`";
 
@@ -237,14 +239,8 @@ fn statement(stmt: &Stmt, site: Site<'_>) -> syn::Result<Stmt> {
                 init: Some(init), ..
             },
         ) => {
-            if matches!(strip_pat(&local.pat), Pat::Tuple(_)) {
-                return Err(syn::Error::new_spanned(
-                    &local.pat,
-                    "a marked `let` of a tuple (a layer with several carries or auxiliary \
-                     outputs) runs through the engine only as a loop: write `for layer in \
-                     std::iter::once(&layer) { let (P0, ..) = layer.forward(&xs, ..)?; xs = P0; \
-                     outputs.push(P1); }`",
-                ));
+            if let Pat::Tuple(tuple) = strip_pat(&local.pat) {
+                return multi_let(local, tuple, &init.expr, site);
             }
             let mut local = local.clone();
             let value = value(&init.expr, site)?;
@@ -291,15 +287,15 @@ fn value_inner(expr: &Expr, site: Site<'_>) -> syn::Result<TokenStream> {
     let inv = invocation(expr, rt)?;
     let pair = &inv.pair;
     let carry = inv.carry;
-    let layer = Ident::new("__ckpt_layer", Span::mixed_site());
-    let kwargs = Ident::new("__ckpt_kwargs", Span::mixed_site());
-    let checkpointed = quote! {{
-        let (#layer, #kwargs) = #pair;
-        ::core::result::Result::map_err(
-            #var.run(#layer, #carry, #kwargs),
-            #rt::convert_error,
-        )
-    }};
+    // The pair as the argument: a method returning a tuple bound to one name is reported at the
+    // invocation that evaluates it.
+    let run = quote_spanned! {expr.span()=>
+        {
+            use #rt::RunSingle as _;
+            #var.__ckpt_run_single(#pair, #carry)
+        }
+    };
+    let checkpointed = quote!(::core::result::Result::map_err(#run, #rt::convert_error));
     Ok(with_engine(site, &expr.to_token_stream(), &checkpointed))
 }
 
@@ -950,4 +946,107 @@ fn multi_loop(
     }};
     let plain = quote!({ #for_loop });
     Ok(with_engine(site, &plain, &checkpointed))
+}
+
+/// What a marked `let` of a tuple is.
+const MULTI_LET: &str = "a marked `let` of a tuple names every tensor the layer returns, in \
+    order (the new carry, one element per carry tensor, then the auxiliary outputs), each with a \
+    plain name or `_`: `let (h, logits) = layer.forward(&xs, mask)?;`";
+
+/// `let (P0, P1, ..) = INVOCATION?;` → a stack of one through `run_stack_outputs`.
+fn multi_let(
+    local: &Local,
+    tuple: &syn::PatTuple,
+    init: &Expr,
+    site: Site<'_>,
+) -> syn::Result<Stmt> {
+    let rt = site.rt;
+    let var = engine_var();
+    for elem in &tuple.elems {
+        match elem {
+            Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {}
+            Pat::Wild(_) => {}
+            Pat::Rest(_) => {
+                return Err(syn::Error::new_spanned(
+                    elem,
+                    format!("`..` leaves out how many tensors the layer returns: {MULTI_LET}"),
+                ));
+            }
+            other => {
+                return Err(syn::Error::new_spanned(
+                    other,
+                    format!(
+                        "bind this tensor to a plain name, and borrow or destructure it in the \
+                         next statement: {MULTI_LET}"
+                    ),
+                ));
+            }
+        }
+    }
+    let n = tuple.elems.len();
+    if n < 2 {
+        return Err(syn::Error::new_spanned(
+            tuple,
+            format!("a layer returning a tuple returns at least two tensors: {MULTI_LET}"),
+        ));
+    }
+    let Expr::Try(t) = init else {
+        return Err(syn::Error::new_spanned(
+            init,
+            format!(
+                "end the invocation with `?`: the pattern binds the tensors, not the \
+                 `Result`: {MULTI_LET}"
+            ),
+        ));
+    };
+    let call = &*t.expr;
+    if let Expr::MethodCall(m) = strip_parens(call)
+        && m.method == "try_fold"
+    {
+        return Err(unsupported(
+            &m.method,
+            "a checkpointed fold carries one tensor: for layers returning a tuple, write a \
+             `#[checkpoint]` `for` loop, `for layer in ITER { let (h, aux) = \
+             layer.forward(&xs, ..)?; xs = h; outputs.push(aux); }`.",
+        ));
+    }
+    let inv = invocation(call, rt)?;
+    // The carry argument: `&xs` (any expression of type `&Tensor`), or a tuple `(&h, &r)`.
+    let carries: Vec<&Expr> = match strip_parens(inv.carry) {
+        Expr::Tuple(t) => t.elems.iter().collect(),
+        other => vec![other],
+    };
+    let carries = carries
+        .iter()
+        .map(|c| quote_spanned!(c.span()=> <#rt::Tensor as ::core::clone::Clone>::clone(#c)));
+    let layer = Ident::new("__ckpt_layer", Span::mixed_site());
+    let kwargs = Ident::new("__ckpt_kwargs", Span::mixed_site());
+    let outs: Vec<Ident> = (0..n)
+        .map(|i| quote::format_ident!("__ckpt_o{}", i, span = Span::mixed_site()))
+        .collect();
+    let pair = &inv.pair;
+    let checkpointed = quote! {{
+        let (#layer, #kwargs) = #pair;
+        ::core::result::Result::map(
+            ::core::result::Result::map_err(
+                #rt::outputs_of_one::<#n>(
+                    #var.run_stack_outputs(&[#(#carries),*], [(#layer, #kwargs)]),
+                ),
+                #rt::convert_error,
+            ),
+            |[#(#outs),*]| (#(#outs),*),
+        )
+    }};
+    let q = &t.question_token;
+    let value = with_engine(site, &call.to_token_stream(), &checkpointed);
+    let mut local = local.clone();
+    local.init = Some(LocalInit {
+        eq_token: local
+            .init
+            .as_ref()
+            .map_or_else(Default::default, |i| i.eq_token),
+        expr: Box::new(syn::parse2(quote!((#value) #q))?),
+        diverge: None,
+    });
+    Ok(Stmt::Local(local))
 }
