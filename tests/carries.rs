@@ -602,6 +602,24 @@ fn every_form_as_a_loop_and_one_layer_at_a_time_matches_the_plain_calls_bit_for_
 }
 
 #[test]
+fn segments_that_keep_their_graph_beside_checkpointed_ones_match_the_plain_calls() -> Result<()> {
+    // `first(n)`: the first n layers are checkpointed, the rest keep their graph, so one stack
+    // hands back auxiliary outputs both from recomputed layers and from kept graphs.
+    let (model, xs) = setup(4)?;
+    let plain = step(&model, &xs, None)?;
+    for policy in [
+        Policy::recompute().first(1),
+        Policy::new(Mode::OffloadDisk).segments(2).first(2),
+        Policy::new(Mode::OffloadHost).first(3),
+    ] {
+        let ckpt = Checkpointer::new(policy.clone());
+        let other = step(&model, &xs, Some(&ckpt))?;
+        assert_same(&plain, &other, &model, &xs, &format!("{policy:?}"))?;
+    }
+    Ok(())
+}
+
+#[test]
 fn a_memory_budget_matches_the_plain_calls_bit_for_bit() -> Result<()> {
     let (model, xs) = setup(4)?;
     let plain = step(&model, &xs, None)?;
