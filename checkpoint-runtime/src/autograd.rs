@@ -39,9 +39,6 @@ pub(crate) struct Stack<L, K> {
     pub(crate) saved: Vec<Kept>,
     /// The stack's random key: recomputation draws what the forward drew.
     pub(crate) key: StackKey,
-    /// The part of each layer's output the stack hands back, and where the gradients of those
-    /// parts arrive.
-    pub(crate) tap: Option<(Tap, Arc<TapGrads>)>,
 }
 
 /// What one segment keeps between its forward and its backward.
@@ -169,10 +166,22 @@ pub(crate) struct StackOp<L, K> {
     pub(crate) output: Mutex<Option<Tensor>>,
     /// Taken by the first backward; a second backward finds it empty.
     pub(crate) stack: Mutex<Option<Stack<L, K>>>,
+    /// The part of each layer's output the stack hands back, and where the gradients of those
+    /// parts arrive.
+    pub(crate) taps: Option<(Tap, Arc<TapGrads>)>,
 }
 
 impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
     fn backward(&self, grad: &Tensor) -> crate::Result<Tensor> {
+        // Every tap node of this pass ran its backward before this one (they read this node's
+        // output). Taken before anything can fail, so that a refused pass leaves nothing behind
+        // for the next one.
+        let mut tap_grads = self
+            .taps
+            .as_ref()
+            .map(|(_, grads)| grads.take())
+            .unwrap_or_default();
+        let tap = self.taps.as_ref().map(|(tap, _)| *tap);
         // Outside `Checkpointer::backward`, the parameter gradients would reach no store.
         self.shared.ensure_collecting(|| describe::<L, K>(0))?;
         let mode = self.shared.policy.mode();
@@ -187,18 +196,7 @@ impl<L: Layer<K>, K: Kwargs> StackOp<L, K> {
                 Error::BackwardTwice { layer, mode }
             }
         })?;
-        let Stack {
-            calls,
-            saved,
-            key,
-            tap,
-        } = stack;
-        // Every tap node ran its backward before this one (they read this node's output).
-        let mut tap_grads = tap
-            .as_ref()
-            .map(|(_, grads)| mem::take(&mut *lock(&grads.grads)))
-            .unwrap_or_default();
-        let tap = tap.map(|(tap, _)| tap);
+        let Stack { calls, saved, key } = stack;
         // The boundaries, in the order this backward takes them (disk files are loaded ahead).
         let readers = self
             .shared
@@ -342,7 +340,7 @@ where
 pub(crate) struct TapGrads {
     /// Per layer, the gradient of its tapped part, if the loss reaches it.
     grads: Mutex<Vec<Option<Tensor>>>,
-    /// Whether a tap node gave the stack's output its (zero) gradient already.
+    /// Whether a tap node gave the stack's output its (zero) gradient in this pass already.
     zero_given: AtomicBool,
 }
 
@@ -352,6 +350,14 @@ impl TapGrads {
             grads: Mutex::new(vec![None; layers]),
             zero_given: AtomicBool::new(false),
         }
+    }
+
+    /// The gradients of one backward pass, leaving the slots empty for the next pass.
+    fn take(&self) -> Vec<Option<Tensor>> {
+        let mut grads = lock(&self.grads);
+        let empty = vec![None; grads.len()];
+        self.zero_given.store(false, Ordering::SeqCst);
+        mem::replace(&mut *grads, empty)
     }
 }
 

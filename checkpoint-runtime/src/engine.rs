@@ -514,17 +514,13 @@ impl Checkpointer {
         }
 
         let anchor = Var::zeros(1, carry.dtype(), carry.device())?;
-        let tap_grads = tap.map(|tap| (tap, Arc::new(TapGrads::new(calls.len()))));
-        let grads = tap_grads.as_ref().map(|(_, grads)| Arc::clone(grads));
+        let taps = tap.map(|tap| (tap, Arc::new(TapGrads::new(calls.len()))));
+        let grads = taps.as_ref().map(|(_, grads)| Arc::clone(grads));
         let op = StackOp {
             shared: Arc::clone(shared),
             output: Mutex::new(Some(hidden)),
-            stack: Mutex::new(Some(Stack {
-                calls,
-                saved,
-                key,
-                tap: tap_grads,
-            })),
+            stack: Mutex::new(Some(Stack { calls, saved, key })),
+            taps,
         };
         let output = carry.apply_op2(anchor.as_tensor(), op)?;
         let taps = match grads {
