@@ -722,7 +722,8 @@ fn each_boundary_holds_one_carry_and_at_most_one_layers_auxiliary_outputs() -> R
 fn a_loss_of_auxiliary_outputs_alone_goes_through_the_engine_after_a_refused_backward() -> Result<()>
 {
     let (model, xs) = setup(3)?;
-    let routers = |engine: &Checkpointer| -> Result<(Tensor, Vec<Tensor>)> {
+    // A loss of the router logits alone, never of the final carry.
+    let aux_loss = |engine: &Checkpointer| -> Result<Tensor> {
         let out = engine
             .run_stack_outputs(
                 &[xs.as_tensor().clone()],
@@ -732,43 +733,32 @@ fn a_loss_of_auxiliary_outputs_alone_goes_through_the_engine_after_a_refused_bac
                     .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
             )
             .map_err(candle_core::Error::from)?;
-        // The loss reads only the router logits, never the final carry.
-        let l = loss(&out.aux.concat()[0].zeros_like()?, &out.aux.concat())?;
-        let grads = engine.backward(&l).map_err(candle_core::Error::from)?;
-        let routers = model.routed.iter().map(|layer| {
-            grads
-                .get(layer.router.as_tensor())
-                .cloned()
-                .ok_or_else(|| candle_core::Error::msg("no router gradient"))
-        });
-        Ok((l, routers.collect::<Result<_>>()?))
+        let logits = out.aux.concat();
+        loss(&logits[0].zeros_like()?, &logits)
     };
-    let (_, plain) = routers(&Checkpointer::new(Policy::none()))?;
+    let router_grads = |engine: &Checkpointer, l: &Tensor| -> Result<Vec<Tensor>> {
+        let grads = engine.backward(l).map_err(candle_core::Error::from)?;
+        model
+            .routed
+            .iter()
+            .map(|layer| {
+                grads
+                    .get(layer.router.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::msg("no router gradient"))
+            })
+            .collect()
+    };
+    let plain_engine = Checkpointer::new(Policy::none());
+    let plain = router_grads(&plain_engine, &aux_loss(&plain_engine)?)?;
 
     let ckpt = Checkpointer::new(Policy::recompute());
-    let out = ckpt
-        .run_stack_outputs(
-            &[xs.as_tensor().clone()],
-            model
-                .routed
-                .iter()
-                .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
-        )
-        .map_err(candle_core::Error::from)?;
-    let l = loss(&out.aux.concat()[0].zeros_like()?, &out.aux.concat())?;
+    let l = aux_loss(&ckpt)?;
     // candle's own backward is refused (it would lose the checkpointed gradients) ...
     assert!(l.backward().is_err());
     // ... and the same loss then goes through the engine, as if nothing had happened.
-    let grads = ckpt.backward(&l).map_err(candle_core::Error::from)?;
-    for (layer, plain) in model.routed.iter().zip(&plain) {
-        let ours = grads
-            .get(layer.router.as_tensor())
-            .ok_or_else(|| candle_core::Error::msg("no router gradient"))?;
-        assert_eq!(max_abs_diff(plain, ours)?, 0.0);
-    }
-    // And a first run through the engine gives the same.
-    let (_, fresh) = routers(&Checkpointer::new(Policy::recompute()))?;
-    for (a, b) in plain.iter().zip(&fresh) {
+    let ours = router_grads(&ckpt, &l)?;
+    for (a, b) in plain.iter().zip(&ours) {
         assert_eq!(max_abs_diff(a, b)?, 0.0);
     }
     Ok(())
