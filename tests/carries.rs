@@ -765,6 +765,62 @@ fn a_loss_of_auxiliary_outputs_alone_goes_through_the_engine_after_a_refused_bac
 }
 
 #[test]
+fn a_backward_that_failed_in_another_stack_can_be_retried_without_a_panic() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use checkpoint_runtime::MultiLayer;
+
+    /// A routed layer whose recomputation fails the first time (its second call).
+    #[derive(Clone)]
+    struct FailsOnce(Routed, Arc<AtomicUsize>);
+
+    impl MultiLayer for FailsOnce {
+        const CARRIES: usize = 1;
+        fn forward_outputs(&self, carry: &[Tensor], (): &()) -> Result<Vec<Tensor>> {
+            if self.1.fetch_add(1, Ordering::SeqCst) == 1 {
+                return Err(candle_core::Error::msg("injected recompute failure"));
+            }
+            let (ys, logits) = self.0.forward(&carry[0], 0.5)?;
+            Ok(vec![ys, logits])
+        }
+    }
+
+    let (model, xs) = setup(2)?;
+    let ckpt = Checkpointer::new(Policy::recompute());
+    let carry = [xs.as_tensor().clone()];
+    // Two stacks whose losses read only their router logits.
+    let first = ckpt
+        .run_stack_outputs(
+            &carry,
+            model
+                .routed
+                .iter()
+                .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
+        )
+        .map_err(candle_core::Error::from)?;
+    let flaky = [FailsOnce(model.routed[0].clone(), Arc::default())];
+    let second = ckpt
+        .run_stack_outputs(&carry, flaky.iter().map(|l| (l, ())))
+        .map_err(candle_core::Error::from)?;
+    // Interleaved, so that candle runs a tap of the first stack, then the failing second stack,
+    // before the first stack's own backward.
+    let (a, b) = (first.aux.concat(), second.aux.concat());
+    let logits = vec![a[0].clone(), b[0].clone(), a[1].clone()];
+    let l = loss(&logits[0].zeros_like()?, &logits)?;
+    let err = ckpt
+        .backward(&l)
+        .expect_err("the second stack fails to recompute");
+    assert!(
+        err.to_string().contains("injected recompute failure"),
+        "{err}"
+    );
+    // Again: an error (a stack's backward cannot run twice), not a panic in candle.
+    assert!(ckpt.backward(&l).is_err());
+    Ok(())
+}
+
+#[test]
 fn an_auxiliary_output_of_another_dtype_is_refused_naming_the_layer() -> Result<()> {
     #[checkpointable]
     #[derive(Clone)]
