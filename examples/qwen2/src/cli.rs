@@ -1,13 +1,15 @@
 //! What the `qwen2` and `qwen2-moe` binaries share on their command lines: the checkpointing
-//! policy's arguments, the compute device, the dtype and the exit code.
+//! policy's arguments, the compute device, the dtype, the tokenizer and the exit code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use checkpoint_runtime::{DiskConfig, Mode};
 use clap::Args;
 
+use crate::chat::ChatTemplate;
+use crate::tokenizer::Tokenizer;
 use crate::train::CheckpointOptions;
 use crate::{Error, Result};
 
@@ -101,6 +103,19 @@ pub fn parse_dtype(arg: Option<&str>, device: &Device) -> Result<DType> {
         Some(other) => Err(Error::Data(format!(
             "--dtype {other}: expected f32, bf16 or f16"
         ))),
+    }
+}
+
+/// The tokenizer (and chat template) of `--model DIR`, or bytes with `--bytes` or without a
+/// checkpoint. Read before the weights, so that a checkpoint without a tokenizer fails at once.
+///
+/// # Errors
+/// [`Error::MissingTokenizer`] for a checkpoint without `tokenizer.json` (unless `bytes`); an
+/// unreadable tokenizer or chat template.
+pub fn tokenizer(model: Option<&Path>, bytes: bool) -> Result<(Tokenizer, Option<ChatTemplate>)> {
+    match model {
+        Some(dir) if !bytes => Ok((Tokenizer::from_dir(dir)?, ChatTemplate::from_dir(dir)?)),
+        _ => Ok((Tokenizer::bytes(), None)),
     }
 }
 

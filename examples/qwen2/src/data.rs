@@ -148,6 +148,23 @@ pub fn file_examples(
     }
 }
 
+/// The examples of the data file `path` ([`file_examples`]), or of [`BUNDLED_TEXT`] without
+/// one: what a training command reads.
+///
+/// # Errors
+/// Those of [`file_examples`] and [`text_examples`].
+pub fn examples_or_bundled(
+    path: Option<&Path>,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    seq_len: usize,
+) -> Result<Vec<Example>> {
+    match path {
+        Some(path) => file_examples(path, tokenizer, template, seq_len),
+        None => text_examples(BUNDLED_TEXT, tokenizer, seq_len),
+    }
+}
+
 /// Whether `path` is read as JSONL (its name ends in `.jsonl`).
 #[must_use]
 pub fn is_jsonl(path: &Path) -> bool {
@@ -233,6 +250,21 @@ pub struct DataOptions {
     pub vocab_size: usize,
     /// Seed of the split and of the batch sampler.
     pub seed: u64,
+}
+
+impl DataOptions {
+    /// Each example truncated to rows of at most `seq_len` tokens, every row for training (no
+    /// packing, no eval split).
+    #[must_use]
+    pub fn rows(seq_len: usize, vocab_size: usize, seed: u64) -> Self {
+        Self {
+            seq_len,
+            pack: false,
+            eval_fraction: 0.0,
+            vocab_size,
+            seed,
+        }
+    }
 }
 
 /// Training and evaluation rows, and a seeded sampler over the training rows.
@@ -347,16 +379,7 @@ impl Dataset {
     /// only), or an empty text.
     pub fn bytes(text: &str, seq_len: usize, vocab_size: usize, seed: u64) -> Result<Self> {
         let examples = text_examples(text, &Tokenizer::bytes(), seq_len)?;
-        Self::new(
-            examples,
-            &DataOptions {
-                seq_len,
-                pack: false,
-                eval_fraction: 0.0,
-                vocab_size,
-                seed,
-            },
-        )
+        Self::new(examples, &DataOptions::rows(seq_len, vocab_size, seed))
     }
 
     /// Number of training rows.

@@ -21,12 +21,10 @@ use std::time::Instant;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 
-use qwen2::chat::ChatTemplate;
 use qwen2::cli::{self, PolicyArgs};
-use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
+use qwen2::data::{self, DataOptions, Dataset};
 use qwen2::loader::{Loaded, LoraInit};
 use qwen2::lora::{LoraConfig, Target};
-use qwen2::tokenizer::Tokenizer;
 use qwen2::train::{StepView, TrainConfig};
 use qwen2::{Config, Error, Result, loader};
 
@@ -299,10 +297,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         None => None,
     };
     // The tokenizer before the weights: a checkpoint without one fails at once.
-    let (tokenizer, template) = match &args.model {
-        Some(dir) if !args.bytes => (Tokenizer::from_dir(dir)?, ChatTemplate::from_dir(dir)?),
-        _ => (Tokenizer::bytes(), None),
-    };
+    let (tokenizer, template) = cli::tokenizer(args.model.as_deref(), args.bytes)?;
     let loaded = match (&args.model, lora) {
         (Some(dir), LoraSetup::Off) => loader::load(dir, dtype, &device)?,
         (None, LoraSetup::Off) => loader::random(&Config::tiny_bytes(), args.seed, dtype, &device)?,
@@ -323,10 +318,12 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     }
     let cfg = &loaded.config;
     tokenizer.check_vocab(cfg.vocab_size)?;
-    let examples = match &args.data {
-        Some(path) => data::file_examples(path, &tokenizer, template.as_ref(), args.seq_len)?,
-        None => data::text_examples(BUNDLED_TEXT, &tokenizer, args.seq_len)?,
-    };
+    let examples = data::examples_or_bundled(
+        args.data.as_deref(),
+        &tokenizer,
+        template.as_ref(),
+        args.seq_len,
+    )?;
     let read = examples.len();
     let mut data = Dataset::new(
         examples,

@@ -165,6 +165,14 @@ impl Reference {
         })
     }
 
+    /// Our `ours` against the file's tensor `name`, under `tolerance`.
+    ///
+    /// # Errors
+    /// The file lacks `name`, or its shape differs from ours.
+    pub fn check(&self, name: &str, ours: &Tensor, tolerance: f64) -> Result<Check> {
+        Check::compare(name, ours, self.get(name)?, tolerance)
+    }
+
     /// One check per parameter, `grad.<name>` against ours (a parameter without a gradient
     /// fails its check rather than the whole run).
     ///
@@ -240,13 +248,8 @@ pub fn verify(
     let grads = ckpt.backward(&loss)?;
 
     let mut checks = vec![
-        Check::compare("logits", &logits, refs.get("logits")?, OUTPUT_TOLERANCE)?,
-        Check::compare(
-            "loss",
-            &loss.reshape(1)?,
-            refs.get("loss")?,
-            OUTPUT_TOLERANCE,
-        )?,
+        refs.check("logits", &logits, OUTPUT_TOLERANCE)?,
+        refs.check("loss", &loss.reshape(1)?, OUTPUT_TOLERANCE)?,
     ];
     checks.extend(refs.gradient_checks(
         &loaded.params,

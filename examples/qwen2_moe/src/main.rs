@@ -16,10 +16,8 @@ use candle_core::Device;
 use checkpoint_runtime::Mode;
 use clap::{Args, Parser, Subcommand};
 use qwen2::Result;
-use qwen2::chat::ChatTemplate;
 use qwen2::cli::{self, PolicyArgs};
-use qwen2::data::{self, BUNDLED_TEXT, DataOptions, Dataset};
-use qwen2::tokenizer::Tokenizer;
+use qwen2::data::{self, DataOptions, Dataset};
 use qwen2::train::{CheckpointOptions, TrainConfig};
 use qwen2_moe::{Config, loader, train, verify};
 
@@ -105,10 +103,7 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     let device = cli::device()?;
     let dtype = cli::parse_dtype(args.dtype.as_deref(), &device)?;
     // The tokenizer before the weights: a checkpoint without one fails at once.
-    let (tokenizer, template) = match &args.model {
-        Some(dir) if !args.bytes => (Tokenizer::from_dir(dir)?, ChatTemplate::from_dir(dir)?),
-        _ => (Tokenizer::bytes(), None),
-    };
+    let (tokenizer, template) = cli::tokenizer(args.model.as_deref(), args.bytes)?;
     let loaded = match &args.model {
         Some(dir) => loader::load(dir, dtype, &device)?,
         None => loader::random(&Config::tiny_bytes(), args.seed, dtype, &device)?,
@@ -119,23 +114,19 @@ fn run_train(args: &TrainArgs) -> Result<()> {
     let cfg = loaded.model.config();
     let vocab_size = cfg.base.vocab_size;
     tokenizer.check_vocab(vocab_size)?;
-    let mut examples = match &args.data {
-        Some(path) => data::file_examples(path, &tokenizer, template.as_ref(), args.seq_len)?,
-        None => data::text_examples(BUNDLED_TEXT, &tokenizer, args.seq_len)?,
-    };
+    let mut examples = data::examples_or_bundled(
+        args.data.as_deref(),
+        &tokenizer,
+        template.as_ref(),
+        args.seq_len,
+    )?;
     if tokenizer.is_bytes() && vocab_size < 256 {
         eprintln!("note: byte ids folded into the model's {vocab_size}-token vocabulary");
         train::fold_bytes(&mut examples, vocab_size)?;
     }
     let mut data = Dataset::new(
         examples,
-        &DataOptions {
-            seq_len: args.seq_len,
-            pack: false,
-            eval_fraction: 0.0,
-            vocab_size,
-            seed: args.seed,
-        },
+        &DataOptions::rows(args.seq_len, vocab_size, args.seed),
     )?;
     let n_params: usize = loaded.params.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(

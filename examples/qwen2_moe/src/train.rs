@@ -172,14 +172,5 @@ pub fn fold_bytes(examples: &mut [Example], vocab_size: usize) -> Result<()> {
 pub fn folded_bytes(text: &str, seq_len: usize, vocab_size: usize, seed: u64) -> Result<Dataset> {
     let mut examples = qwen2::data::text_examples(text, &Tokenizer::bytes(), seq_len)?;
     fold_bytes(&mut examples, vocab_size)?;
-    Dataset::new(
-        examples,
-        &DataOptions {
-            seq_len,
-            pack: false,
-            eval_fraction: 0.0,
-            vocab_size,
-            seed,
-        },
-    )
+    Dataset::new(examples, &DataOptions::rows(seq_len, vocab_size, seed))
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use checkpoint_runtime::Checkpointer;
 use qwen2::Result;
-use qwen2::verify::{Check, OUTPUT_TOLERANCE, Reference, Report};
+use qwen2::verify::{OUTPUT_TOLERANCE, Reference, Report};
 
 use crate::loader;
 use crate::router_loss::total_loss;
@@ -51,19 +51,9 @@ pub fn verify(
     let grads = ckpt.backward(&loss)?; // not loss.backward(): see Checkpointer
 
     let mut checks = vec![
-        Check::compare("logits", &out.logits, refs.get("logits")?, OUTPUT_TOLERANCE)?,
-        Check::compare(
-            "aux_loss",
-            &aux.reshape(1)?,
-            refs.get("aux_loss")?,
-            OUTPUT_TOLERANCE,
-        )?,
-        Check::compare(
-            "loss",
-            &loss.reshape(1)?,
-            refs.get("loss")?,
-            OUTPUT_TOLERANCE,
-        )?,
+        refs.check("logits", &out.logits, OUTPUT_TOLERANCE)?,
+        refs.check("aux_loss", &aux.reshape(1)?, OUTPUT_TOLERANCE)?,
+        refs.check("loss", &loss.reshape(1)?, OUTPUT_TOLERANCE)?,
     ];
     checks.extend(refs.gradient_checks(
         &loaded.params,

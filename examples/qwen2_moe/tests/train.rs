@@ -96,13 +96,7 @@ fn a_model_trains_on_a_real_tokenizers_ids() -> TestResult {
         BUNDLED_TEXT.len()
     );
     assert!(examples.iter().flat_map(|e| &e.ids).any(|&id| id >= 256));
-    let options = DataOptions {
-        seq_len: 32,
-        pack: false,
-        eval_fraction: 0.0,
-        vocab_size: cfg.base.vocab_size,
-        seed: 7,
-    };
+    let options = DataOptions::rows(32, cfg.base.vocab_size, 7);
     let mut data = Dataset::new(examples, &options)?;
     let loaded = loader::random(&cfg, 3, DType::F32, &dev)?;
     let summary = short_run(&loaded, &mut data, Policy::recompute())?;
