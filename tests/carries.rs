@@ -12,7 +12,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use checkpoint_runtime::{Checkpointer, Mode, Policy, checkpointable};
+use checkpoint_runtime::{Checkpointer, Mode, Policy, StackOutputs, checkpointable};
 use checkpoint_tests::compare::max_abs_diff;
 use checkpoint_tests::init::Init;
 
@@ -443,6 +443,19 @@ impl Model {
 }
 
 /// A loss weighing every element differently, reading the output and every auxiliary output.
+impl Model {
+    /// The routed layers as one stack through `engine`, without the macro.
+    fn routed_outputs(&self, engine: &Checkpointer, xs: &Tensor) -> Result<StackOutputs> {
+        let calls = self
+            .routed
+            .iter()
+            .map(|l| (l, RoutedKwargsOwned { scale: 0.5 }));
+        engine
+            .run_stack_outputs(std::slice::from_ref(xs), calls)
+            .map_err(candle_core::Error::from)
+    }
+}
+
 fn loss(ys: &Tensor, aux: &[Tensor]) -> Result<Tensor> {
     let weigh = |t: &Tensor| -> Result<Tensor> {
         let n = u32::try_from(t.elem_count()).unwrap_or(u32::MAX);
@@ -689,15 +702,7 @@ fn recompute_keeps_only_packed_boundaries_and_recomputes() -> Result<()> {
 fn each_boundary_holds_one_carry_and_at_most_one_layers_auxiliary_outputs() -> Result<()> {
     let (model, xs) = setup(6)?;
     let ckpt = Checkpointer::new(Policy::recompute());
-    let out = ckpt
-        .run_stack_outputs(
-            &[xs.as_tensor().clone()],
-            model
-                .routed
-                .iter()
-                .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
-        )
-        .map_err(candle_core::Error::from)?;
+    let out = model.routed_outputs(&ckpt, xs.as_tensor())?;
     let stats = ckpt.take_stats();
     let (carry, logits) = (xs.elem_count(), out.aux[0][0].elem_count());
     assert_eq!(stats.segments, 6, "one boundary per layer");
@@ -724,15 +729,7 @@ fn a_loss_of_auxiliary_outputs_alone_goes_through_the_engine_after_a_refused_bac
     let (model, xs) = setup(3)?;
     // A loss of the router logits alone, never of the final carry.
     let aux_loss = |engine: &Checkpointer| -> Result<Tensor> {
-        let out = engine
-            .run_stack_outputs(
-                &[xs.as_tensor().clone()],
-                model
-                    .routed
-                    .iter()
-                    .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
-            )
-            .map_err(candle_core::Error::from)?;
+        let out = model.routed_outputs(engine, xs.as_tensor())?;
         let logits = out.aux.concat();
         loss(&logits[0].zeros_like()?, &logits)
     };
@@ -788,20 +785,11 @@ fn a_backward_that_failed_in_another_stack_can_be_retried_without_a_panic() -> R
 
     let (model, xs) = setup(2)?;
     let ckpt = Checkpointer::new(Policy::recompute());
-    let carry = [xs.as_tensor().clone()];
     // Two stacks whose losses read only their router logits.
-    let first = ckpt
-        .run_stack_outputs(
-            &carry,
-            model
-                .routed
-                .iter()
-                .map(|l| (l, RoutedKwargsOwned { scale: 0.5 })),
-        )
-        .map_err(candle_core::Error::from)?;
+    let first = model.routed_outputs(&ckpt, xs.as_tensor())?;
     let flaky = [FailsOnce(model.routed[0].clone(), Arc::default())];
     let second = ckpt
-        .run_stack_outputs(&carry, flaky.iter().map(|l| (l, ())))
+        .run_stack_outputs(&[xs.as_tensor().clone()], flaky.iter().map(|l| (l, ())))
         .map_err(candle_core::Error::from)?;
     // Interleaved, so that candle runs a tap of the first stack, then the failing second stack,
     // before the first stack's own backward.
