@@ -514,13 +514,12 @@ impl Checkpointer {
         }
 
         let anchor = Var::zeros(1, carry.dtype(), carry.device())?;
-        let taps = tap.map(|tap| (tap, Arc::new(TapGrads::new(calls.len()))));
-        let grads = taps.as_ref().map(|(_, grads)| Arc::clone(grads));
+        let grads = tap.map(|_| Arc::new(TapGrads::new(calls.len())));
         let op = StackOp {
             shared: Arc::clone(shared),
             output: Mutex::new(Some(hidden)),
             stack: Mutex::new(Some(Stack { calls, saved, key })),
-            taps,
+            taps: tap.zip(grads.clone()),
         };
         let output = carry.apply_op2(anchor.as_tensor(), op)?;
         let taps = match grads {

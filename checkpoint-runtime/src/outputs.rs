@@ -10,6 +10,7 @@
 //! carry and at most one layer's auxiliary outputs, and each auxiliary output is copied once in
 //! the forward (and once more for recomputation). Packing and splitting are copies, so values
 //! and gradients stay those of the plain graph, bit for bit.
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Shape, Tensor};
